@@ -1,0 +1,232 @@
+"""The specification of model.py: the network, the tokenizer and chat template,
+generation, log-probabilities, loading and saving."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, make_tiny
+import model as M
+
+GOLDEN = json.load(open(os.path.join(ROOT, "tests", "golden", "smollm2_135m.json")))
+
+
+# ---- the real model against golden values recorded from transformers ----------
+
+def test_logits_equal_transformers_golden_values(real_model):
+    """fp32 logits of a chat prompt equal those transformers computed on the same GGUF (1e-3)."""
+    ids = torch.tensor([GOLDEN["ids"][0]])
+    with torch.no_grad():
+        logits = real_model.logits(real_model(ids))[0]
+    expected = torch.tensor(GOLDEN["logits_at_probe_ids"])
+    got = logits[:, GOLDEN["probe_ids"]]
+    assert (got - expected).abs().max().item() < 1e-3
+    assert logits[-1].topk(10).indices.tolist() == GOLDEN["last_top_ids"]
+    assert torch.allclose(logits[-1].topk(10).values, torch.tensor(GOLDEN["last_top_logits"]), atol=1e-3)
+
+
+def test_chat_prompt_token_ids_equal_golden_ids(tokenizer):
+    """The chat template and tokenizer give the reference ids, special tokens and default system message included."""
+    for conversation, expected in zip(GOLDEN["conversations"], GOLDEN["ids"]):
+        assert tokenizer.chat(conversation, add_generation_prompt=True)[0] == expected
+    # the plain prompt carries the model's own default system message
+    assert tokenizer.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert tokenizer.decode(tokenizer.prompt("Hi")) == "system\n" + tokenizer.default_system + "\nuser\nHi\nassistant\n"
+
+
+@pytest.mark.parametrize("text", [
+    "Café naïve résumé, Ångström — déjà vu.",
+    "Emoji: 😀👍🏽🇺🇸 and ❤️",
+    "def f(x):\n\treturn x ** 2  # code, with  two spaces\n",
+    "你好，世界！这是一个测试。",
+    "Numbers 12345 and 3.14159, mixed: héllo 世界 🙂 <b>tags</b>",
+])
+def test_decode_of_encode_is_the_identity(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_answer_mask_covers_exactly_the_assistant_tokens_and_end_of_turn(tokenizer):
+    conversation = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How are you?"},
+                    {"role": "user", "content": "Fine."}, {"role": "assistant", "content": " Good, 42."}]
+    ids, mask = tokenizer.chat(conversation)
+    assert len(ids) == len(mask)
+    answer_ids = [i for i, m in zip(ids, mask) if m]
+    expected = (tokenizer.encode("Hello! How are you?") + [tokenizer.end_id]
+                + tokenizer.encode(" Good, 42.") + [tokenizer.end_id])
+    assert answer_ids == expected
+    # and the masked-out part is exactly the prompt the model sees before each answer
+    first_answer = mask.index(True)
+    assert ids[:first_answer] == tokenizer.chat(conversation[:1], add_generation_prompt=True)[0]
+
+
+def test_readme_example_answers_the_capital_of_france(real_model):
+    answer = M.chat(real_model, "What is the capital of France?", temperature=0, max_new_tokens=20)
+    assert "Paris" in answer
+
+
+# ---- generation ----------------------------------------------------------------
+
+def greedy_without_cache(model, prompt, n):
+    """Reference decoding: recompute the whole sequence for every new token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model.logits(model(torch.tensor([ids]))[:, -1])
+            ids.append(int(logits.argmax(-1)))
+    return ids[len(prompt):]
+
+
+def test_cached_greedy_generation_equals_uncached_decoding(tiny_model, tokenizer):
+    prompt = tokenizer.prompt("Tell me about the sea.")
+    cached = M.generate(tiny_model, [prompt], max_new_tokens=24, temperature=0, stop_ids=[])[0]
+    assert cached == greedy_without_cache(tiny_model, prompt, 24)
+
+
+def test_cached_greedy_generation_equals_uncached_on_the_real_model(real_model, tokenizer):
+    prompt = tokenizer.prompt("Name a colour.")
+    cached = M.generate(real_model, [prompt], max_new_tokens=8, temperature=0, stop_ids=[])[0]
+    assert cached == greedy_without_cache(real_model, prompt, 8)
+
+
+def test_a_batch_of_mixed_lengths_gives_each_prompt_its_own_greedy_answer(tiny_model, tokenizer):
+    prompts = [tokenizer.prompt(t) for t in ["Hi", "What is the capital of France? Please answer briefly.",
+                                              "Why is the sky blue, and why are sunsets red instead?", "2+2?"]]
+    batched = M.generate(tiny_model, prompts, max_new_tokens=16, temperature=0, stop_ids=[])
+    alone = [M.generate(tiny_model, [p], max_new_tokens=16, temperature=0, stop_ids=[])[0] for p in prompts]
+    assert batched == alone
+    assert len({len(p) for p in prompts}) == len(prompts)     # the lengths really differ
+
+
+def test_generation_stops_at_end_of_turn_without_returning_it(tiny_model, tokenizer):
+    prompt = tokenizer.prompt("Hello")
+    free = M.generate(tiny_model, [prompt], max_new_tokens=12, temperature=0, stop_ids=[])[0]
+    stop = free[5]
+    stopped = M.generate(tiny_model, [prompt], max_new_tokens=12, temperature=0, stop_ids=[stop])[0]
+    assert stopped == free[:free.index(stop)]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(tiny_model, tokenizer):
+    prompts = [tokenizer.prompt("Write a word.")] * 3
+    a = M.generate(tiny_model, prompts, max_new_tokens=10, temperature=1.0, seed=7, stop_ids=[])
+    b = M.generate(tiny_model, prompts, max_new_tokens=10, temperature=1.0, seed=7, stop_ids=[])
+    c = M.generate(tiny_model, prompts, max_new_tokens=10, temperature=1.0, seed=8, stop_ids=[])
+    assert a == b and a != c
+    assert len({tuple(x) for x in a}) > 1        # rows of one batch draw independently
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(M.sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
+    assert draws == {0, 1}                       # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are cut
+    draws = {int(M.sample_next(logits, 1.0, 1.0, g)) for _ in range(2000)}
+    assert draws == {0, 1, 2, 3}
+    counts = torch.bincount(M.sample_next(logits.expand(4000, 4), 1.0, 1.0, g), minlength=4)
+    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+
+
+def count_repeats(prompt, tokens):
+    seen, repeats = set(prompt), 0
+    for t in tokens:
+        repeats += t in seen
+        seen.add(t)
+    return repeats
+
+
+def test_repetition_penalty_discourages_tokens_already_in_the_sequence(real_model, tokenizer):
+    prompt = tokenizer.prompt("Repeat after me ten times: the cat sat on the mat.")
+    plain = M.generate(real_model, [prompt], max_new_tokens=30, temperature=0, stop_ids=[])[0]
+    mild = M.generate(real_model, [prompt], max_new_tokens=30, temperature=0, repetition_penalty=1.3, stop_ids=[])[0]
+    huge = M.generate(real_model, [prompt], max_new_tokens=30, temperature=0, repetition_penalty=1e6, stop_ids=[])[0]
+    assert count_repeats(prompt, plain) > 10                     # it parrots the prompt
+    assert count_repeats(prompt, mild) < count_repeats(prompt, plain) / 2
+    assert count_repeats(prompt, huge) == 0                      # no token of the sequence comes back
+
+
+# ---- log-probabilities ------------------------------------------------------------
+
+def test_answer_logprobs_equal_a_direct_computation_and_ignore_padding(tiny_model, tokenizer):
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q, a in [("Hi", "Hello there, friend."), ("What is two plus two, exactly?", "Four.")]]
+    seqs, masks = zip(*[tokenizer.chat(c) for c in conversations])
+    sums, means = M.answer_logprobs(tiny_model, list(seqs), list(masks), batch_size=2)   # padded together
+    for seq, mask, s, m in zip(seqs, masks, sums, means):
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model.logits(tiny_model(torch.tensor([seq])))[0], -1)
+        direct = sum(float(logp[t - 1, seq[t]]) for t in range(1, len(seq)) if mask[t])
+        assert s == pytest.approx(direct, abs=1e-4)
+        assert m == pytest.approx(direct / sum(mask), abs=1e-5)
+
+
+# ---- loading and saving ---------------------------------------------------------------
+
+def test_save_then_load_round_trips_bit_for_bit(tmp_path, tokenizer):
+    for bias in (False, True):      # llama, and Qwen2-style q/k/v biases
+        tiny = make_tiny(tokenizer, qkv_bias=bias, arch="qwen2" if bias else "llama")
+        M.save_model(tiny, str(tmp_path / f"m{bias}"))
+        back = M.load_model(str(tmp_path / f"m{bias}"), "cpu")
+        a, b = tiny.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ids = torch.tensor([tokenizer.prompt("Hi")])
+        with torch.no_grad():
+            assert torch.equal(tiny.logits(tiny(ids)), back.logits(back(ids)))
+        assert back.tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_transformers_loads_a_saved_folder_with_the_same_logits(tmp_path, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    for bias in (False, True):
+        tiny = make_tiny(tokenizer, qkv_bias=bias, arch="qwen2" if bias else "llama", tie_embeddings=not bias)
+        M.save_model(tiny, str(tmp_path / "m"))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
+        ids = torch.tensor([tokenizer.prompt("Hi, how are you today?")])
+        with torch.no_grad():
+            assert torch.allclose(hf(ids).logits, tiny.logits(tiny(ids)), atol=1e-4)
+
+
+def test_gguf_query_key_permutation_is_undone_exactly():
+    w = torch.randn(9 * 64, 576)
+    assert torch.equal(M._unpermute(M._permute(w, 9), 9), w)
+    assert not torch.equal(M._permute(w, 9), w)
+
+
+def test_missing_path_not_a_model_and_unsupported_architecture_fail_clearly(tmp_path):
+    with pytest.raises(M.ModelError, match="no model at"):
+        M.load_model(str(tmp_path / "nope.gguf"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_text("hello, I am not a model")
+    with pytest.raises(M.ModelError, match="is not a model"):
+        M.load_model(str(junk))
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(M.ModelError, match="unsupported architecture 'gpt2'"):
+        M.load_model(str(folder))
+
+
+def test_the_command_line_reports_a_bad_model_in_one_line(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 100)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--model", str(junk)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    assert run.stderr.strip().count("\n") == 0 and "is not a model" in run.stderr
+
+
+def test_device_and_dtype_are_chosen_and_overridable():
+    assert M.pick_device("cpu").type == "cpu"
+    assert M.pick_dtype("cpu", "fp32") == torch.float32 and M.pick_dtype("cpu", "bf16") == torch.bfloat16
+    assert M.pick_dtype("cpu", "auto") == (torch.bfloat16 if M.cpu_has_fast_bf16() else torch.float32)
+
+
+def test_bf16_weights_give_nearly_the_same_next_token_distribution(tiny_model_dir, tokenizer):
+    fp32 = M.load_model(tiny_model_dir, "cpu", torch.float32)
+    bf16 = M.load_model(tiny_model_dir, "cpu", torch.bfloat16)
+    ids = torch.tensor([tokenizer.prompt("Hello")])
+    with torch.no_grad():
+        p = torch.softmax(fp32.logits(fp32(ids))[0, -1], -1)
+        q = torch.softmax(bf16.logits(bf16(ids))[0, -1].float(), -1)
+    assert 0.5 * (p - q).abs().sum() < 0.1          # total variation distance
