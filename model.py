@@ -620,7 +620,8 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, rep
     and positions restart at each prompt's first token, so every answer is the
     same as if its prompt were alone. The keys and values of past tokens are
     kept in a preallocated cache, so each new token costs one forward of
-    length 1 instead of a forward over the whole sequence.
+    length 1 instead of a forward over the whole sequence. Finished answers
+    leave the batch, so the batch shrinks as answers end.
     Repetition penalty (as in CTRL and `transformers`): the logit of a token
     already in the sequence is divided by the penalty if positive, multiplied
     if negative."""
@@ -644,23 +645,27 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, rep
     seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
     if repetition_penalty != 1.0:
         seen.scatter_(1, ids, real)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
+    alive = torch.arange(B, device=device)          # rows of `out` still being generated
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1] + 1
-    n = 0
     for n in range(max_new_tokens):
         if repetition_penalty != 1.0:
             penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
             logits = torch.where(seen, penalised, logits)
         token = sample_next(logits, temperature, top_p, generator)
-        token = torch.where(done, tok.pad_id, token)
-        out[:, n] = token
+        out[alive, n] = torch.where(done, tok.pad_id, token)
         done |= torch.isin(token, stop_ids)
-        # Checking for "all done" syncs with the device; every 8 tokens is enough.
-        if n % 8 == 7 and bool(done.all()):
-            break
         if n == max_new_tokens - 1:
             break
+        # Every 8 tokens (checking syncs with the device), drop the finished rows
+        # from the batch, so that short answers stop costing compute.
+        if n % 8 == 7 and bool(done.any()):
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            alive, done, token, next_pos, seen, key_mask = alive[keep], done[keep], token[keep], next_pos[keep], seen[keep], key_mask[keep]
+            cache = [(k[keep], v[keep]) for k, v in cache]
         if repetition_penalty != 1.0:
             seen.scatter_(1, token[:, None], True)
         hidden = model(token[:, None], next_pos[:, None], key_mask[..., :T + n + 1], cache, T + n)
@@ -668,7 +673,7 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, rep
         next_pos = next_pos + 1
     stops = set(stop_ids.tolist())
     results = []
-    for row in out[:, :n + 1].tolist():
+    for row in out.tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))
         results.append(row[:end])
     return results

@@ -100,6 +100,16 @@ def test_a_batch_of_mixed_lengths_gives_each_prompt_its_own_greedy_answer(tiny_m
     assert len({len(p) for p in prompts}) == len(prompts)     # the lengths really differ
 
 
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_model, tokenizer):
+    prompts = [tokenizer.prompt(t) for t in ["Hi", "Tell me a long story about the sea and its fish.", "2+2?"]]
+    free = M.generate(tiny_model, prompts[:1], max_new_tokens=30, temperature=0, stop_ids=[])[0]
+    stop = [free[2]]                                    # the first prompt's answer ends after 2 tokens
+    alone = [M.generate(tiny_model, [p], max_new_tokens=30, temperature=0, stop_ids=stop)[0] for p in prompts]
+    batched = M.generate(tiny_model, prompts, max_new_tokens=30, temperature=0, stop_ids=stop)
+    assert batched == alone
+    assert len(alone[0]) < 8 and max(len(a) for a in alone) > 8     # the batch did shrink mid-way
+
+
 def test_generation_stops_at_end_of_turn_without_returning_it(tiny_model, tokenizer):
     prompt = tokenizer.prompt("Hello")
     free = M.generate(tiny_model, [prompt], max_new_tokens=12, temperature=0, stop_ids=[])[0]
