@@ -33,10 +33,11 @@ interleaved rotary form, are permuted back on load.
 import argparse
 import importlib.util
 import json
-import math
+import mmap
 import os
+import struct
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -357,25 +358,80 @@ GGUF_NAMES = {  # GGUF tensor name -> our (Hugging Face) name, per block
 }
 
 
+GGUF_TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                  "output.weight": "lm_head.weight"}
+
+
+def parse_gguf(path):
+    """The GGUF container, read directly: (metadata dict, [(name, shape, type, bytes)]).
+
+    Layout: "GGUF", version (u32), tensor count (u64), metadata count (u64);
+    metadata as key (string), value type (u32), value; then per tensor its
+    name, number of dims (u32), dims (u64 each, innermost first), type (u32)
+    and offset (u64); then, aligned, the tensor data. Strings are a u64
+    length and UTF-8 bytes. (gguf.GGUFReader reads the same, but builds one
+    numpy view per vocabulary string and takes seconds for it.)"""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(kind):
+        if kind == 8:
+            return string()
+        if kind == 9:                       # array: item type, count, items
+            item, count = take("I"), take("Q")
+            if item in scalar:
+                return list(take(f"{count}{scalar[item]}")) if count != 1 else [take(scalar[item])]
+            return [value(item) for _ in range(count)]
+        return take(scalar[kind])
+
+    magic, version = bytes(buf[:4]), struct.unpack_from("<I", buf, 4)[0]
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ModelError(f"{path} is not a GGUF file of version 2 or 3")
+    pos = 8
+    n_tensors, n_fields = take("Q"), take("Q")
+    fields = {}
+    for _ in range(n_fields):
+        key = string()
+        fields[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = take(f"{take('I')}Q")
+        dims = (dims,) if isinstance(dims, int) else dims
+        infos.append((name, tuple(reversed(dims)), take("I"), take("Q")))
+    align = fields.get("general.alignment", 32)
+    data_start = (pos + align - 1) // align * align
+    return fields, infos, buf, data_start
+
+
 def read_gguf(path):
     """(config, state_dict, tokenizers.Tokenizer, chat_template) from a GGUF file."""
     import gguf
     import numpy as np
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:
+        fields, infos, buf, data_start = parse_gguf(path)
+    except (ValueError, KeyError, struct.error) as e:
         raise ModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    fields = {}
-    for name, f in reader.fields.items():
-        try:
-            fields[name] = f.contents()
-        except Exception:
-            pass
     arch = fields.get("general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2)")
     a = lambda key, default=None: fields.get(f"{arch}.{key}", default)
-    names = {t.name for t in reader.tensors}
+    names = {name for name, *_ in infos}
     n_heads = a("attention.head_count")
     cfg = Config(
         vocab_size=len(fields["tokenizer.ggml.tokens"]), dim=a("embedding_length"), n_layers=a("block_count"),
@@ -385,18 +441,26 @@ def read_gguf(path):
         norm_eps=float(a("attention.layer_norm_rms_epsilon")), max_seq_len=a("context_length"),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names, arch=arch)
     state = {}
-    for t in reader.tensors:
-        # dequantize returns fp32 (or a read-only memory map for F32 tensors: copy it).
-        w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32, copy=True)
-        parts = t.name.split(".")
+    for tname, shape, kind, offset in infos:
+        # Quantised types store blocks of `block` values in `size` bytes each (Q4_1: 32 values
+        # in 20 bytes: a scale, a minimum and 32 4-bit integers); gguf dequantises them to fp32.
+        qtype = gguf.GGMLQuantizationType(kind)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        n_bytes = int(np.prod(shape)) // block * size
+        raw = np.frombuffer(buf, dtype=np.uint8, count=n_bytes, offset=data_start + offset)
+        w = gguf.quants.dequantize(raw.reshape(*shape[:-1], shape[-1] // block * size), qtype)
+        w = np.array(w, dtype=np.float32, copy=True).reshape(shape)     # own, writable memory
+        parts = tname.split(".")
         if parts[0] == "blk":
-            layer, kind, suffix = parts[1], parts[2], parts[3]
-            if arch == "llama" and kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
-            name = f"layers.{layer}.{GGUF_NAMES[kind]}.{suffix}"
-        else:
-            name = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
-                    "output.weight": "lm_head.weight"}[t.name]
+            layer, kind_name, suffix = parts[1], parts[2], parts[3]
+            if arch == "llama" and kind_name in ("attn_q", "attn_k"):
+                w = _unpermute(w, cfg.n_heads if kind_name == "attn_q" else cfg.n_kv_heads)
+            name = f"layers.{layer}.{GGUF_NAMES[kind_name]}.{suffix}"
+        elif tname in GGUF_TOP_NAMES:
+            name = GGUF_TOP_NAMES[tname]
+        else:   # e.g. rope_freqs.weight (Llama 3.1+ long-context RoPE scaling), not implemented here
+            print(f"warning: {path}: tensor {tname} is ignored", file=sys.stderr)
+            continue
         state[name] = torch.from_numpy(w)
     return cfg, state, tokenizer_from_gguf(fields), fields.get("tokenizer.chat_template")
 

@@ -50,7 +50,6 @@ import statistics
 import sys
 from collections import defaultdict
 
-import torch
 from tqdm import tqdm
 
 import model as M
