@@ -116,12 +116,13 @@ def read_eval_messages(path, traits_sha):
     return messages
 
 
-def conversations(messages, system, suffix=None):
-    """One prompt (message list) per message; system None = the model's own default."""
+def conversations(messages, prompted, suffix=None):
+    """One prompt (message list) per message. Prompted: the message's trait in the
+    system prompt, as generate.py answered it; else the model's own default."""
     out = []
     for i, m in enumerate(messages):
         user = m["text"] if suffix is None else m["text"] + "\n\n" + suffix[i % len(suffix)]
-        out.append(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}])
+        out.append(([{"role": "system", "content": m["system"]}] if prompted else []) + [{"role": "user", "content": user}])
     return out
 
 
@@ -140,10 +141,10 @@ def answer_all(model, prompts, args, seed):
     return answers
 
 
-def mean_logprobs(model, user_texts, answers, system, batch_size):
-    """Mean log-probability per answer token under `model`, given system + user message."""
+def mean_logprobs(model, systems, user_texts, answers, batch_size):
+    """Mean log-probability per answer token under `model`; a system of None is the model's default."""
     seqs, masks = [], []
-    for u, a in zip(user_texts, answers):
+    for system, u, a in zip(systems, user_texts, answers):
         s, m = model.tokenizer.chat(([{"role": "system", "content": system}] if system else [])
                                     + [{"role": "user", "content": u}, {"role": "assistant", "content": a}])
         seqs.append(s)
@@ -157,27 +158,33 @@ def repeated_ngram_share(text, n=3):
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
-def measure(rows, base, reward_model, traits_system, args):
-    """Fill in reward, contrast, perplexity, repeats and length for every row."""
+def measure(rows, base, reward_model, args):
+    """Fill in reward, contrast, perplexity, repeats and length for every row.
+    The contrast score is rank.py's: mean log p(answer | trait prompt) minus
+    mean log p(answer | plain prompt), both under the base model; the plain
+    pass also gives the perplexity, so it is run once for both."""
     import reward_model as RM
     users = [r["user"] for r in rows]
     answers = [r["answer"] for r in rows]
     rewards = RM.score(reward_model, [[{"role": "user", "content": u}] for u in users], answers, batch_size=args.batch_size)
-    plain = mean_logprobs(base, users, answers, None, args.batch_size)
-    prompted = mean_logprobs(base, users, answers, traits_system, args.batch_size)
+    plain = mean_logprobs(base, [None] * len(rows), users, answers, args.batch_size)
+    prompted = mean_logprobs(base, [r["system"] for r in rows], users, answers, args.batch_size)
     for r, rew, lp, lt in zip(rows, rewards, plain, prompted):
         r.update(reward=rew, contrast=lt - lp, perplexity=math.exp(-lp), repeats=repeated_ngram_share(r["answer"]),
                  length=len(base.tokenizer.encode(r["answer"])))
 
 
-def measure_win_rate(rows, base):
-    """P(tuned/plain beats base/plain) by the compare judge, per message and seed."""
+def measure_win_rate(rows, base, batch_size):
+    """P(tuned/plain beats base/plain) by rank.py's compare judge, both orders averaged."""
     import rank
     by_key = {(r["setting"], r["seed"], r["message_id"]): r for r in rows}
-    for r in rows:
-        if r["setting"] == "tuned/plain":
-            other = by_key[("base/plain", r["seed"], r["message_id"])]
-            r["win_rate"] = rank.compare_prob_first_better(base, r["trait"], r["user"], r["answer"], other["answer"])
+    tuned = [r for r in rows if r["setting"] == "tuned/plain"]
+    base_answers = [by_key[("base/plain", r["seed"], r["message_id"])]["answer"] for r in tuned]
+    items = [(r["trait_text"], r["user"], r["answer"], b) for r, b in zip(tuned, base_answers)]
+    swapped = [(t, u, b, a) for t, u, a, b in items]
+    probs = rank.compare_probs(base, items + swapped, batch_size)
+    for n, r in enumerate(tuned):
+        r["win_rate"] = 0.5 * (probs[n] + 1 - probs[len(items) + n])
 
 
 # ----------------------------------------------------------------------------
@@ -279,7 +286,6 @@ def run(args):
     import reward_model as RM
     traits = generate.parse_traits(args.traits)
     traits_sha = generate.traits_sha(traits)
-    traits_system = generate.traits_system_prompt(traits)
     eval_messages = read_eval_messages(args.queries, traits_sha)
     general = [{"id": f"general-{i}", "trait": "general", "text": t} for i, t in enumerate(GENERAL_PROMPTS[:args.general])]
     for path, stage in [(args.tuned, "dpo.py"), (args.reward_model, "reward_model.py")]:
@@ -291,13 +297,20 @@ def run(args):
     tuned = M.load_model(args.tuned, device, dtype)
     reward = RM.load_reward_model(args.reward_model, device)
     os.makedirs(args.out, exist_ok=True)
+    # "Prompted" shows a held-out message's own trait, as generate.py did; a general prompt gets all traits.
+    default = base.tokenizer.default_system
+    for m in eval_messages:
+        m["system"], m["trait_text"] = generate.traits_system_prompt([m["trait"]], default), m["trait"]
+    for m in general:
+        m["system"] = generate.traits_system_prompt(traits, default)
+        m["trait_text"] = " ".join(t["text"] for t in traits)
 
     # What each setting answers: (setting, model, system prompt, messages, instruction appended)
     everything = eval_messages + general
-    plan = [("base/plain", base, None, everything, None), ("base/prompted", base, traits_system, everything, None),
-            ("tuned/plain", tuned, None, everything, None), ("tuned/prompted", tuned, traits_system, everything, None),
-            ("base/prompted+drop", base, traits_system, eval_messages, DROP_PERSONA),
-            ("tuned/plain+drop", tuned, None, eval_messages, DROP_PERSONA)]
+    plan = [("base/plain", base, False, everything, None), ("base/prompted", base, True, everything, None),
+            ("tuned/plain", tuned, False, everything, None), ("tuned/prompted", tuned, True, everything, None),
+            ("base/prompted+drop", base, True, eval_messages, DROP_PERSONA),
+            ("tuned/plain+drop", tuned, False, eval_messages, DROP_PERSONA)]
     # Answers are appended to a partial file one (setting, seed) unit at a time, so a
     # killed run resumes where it stopped; rows from other settings of the flags are ignored.
     signature = json.dumps([args.max_new_tokens, args.temperature, args.top_p, args.general, traits_sha,
@@ -316,21 +329,22 @@ def run(args):
     rows = []
     units = [(p, seed) for seed in args.seeds for p in plan]
     with open(partial, "a") as log:
-        for (setting, model, system, messages, suffix), seed in tqdm(units, desc="sampling", unit="setting"):
+        for (setting, model, prompted, messages, suffix), seed in tqdm(units, desc="sampling", unit="setting"):
             if (setting, seed) in done:
                 rows += done[(setting, seed)]
                 continue
-            prompts = conversations(messages, system, suffix)
+            prompts = conversations(messages, prompted, suffix)
             answers = answer_all(model, prompts, args, seed)
             new = [{"setting": setting, "seed": seed, "message_id": m["id"], "trait": m["trait"],
-                    "user_text": m["text"], "user": p[-1]["content"], "answer": a}
+                    "trait_text": m["trait_text"], "system": m["system"], "user_text": m["text"],
+                    "user": p[-1]["content"], "answer": a}
                    for m, p, a in zip(messages, prompts, answers)]
             log.write("".join(json.dumps({**r, "signature": signature}) + "\n" for r in new))
             log.flush()
             rows += new
     print("measuring ...", file=sys.stderr)
-    measure(rows, base, reward, traits_system, args)
-    measure_win_rate(rows, base)
+    measure(rows, base, reward, args)
+    measure_win_rate(rows, base, args.batch_size)
 
     table = aggregate(rows, "trait")
     t = table["all eval"]
@@ -372,9 +386,10 @@ def main(argv=None):
     args = parse_args(argv)
     if len(args.seeds) < 2:
         sys.exit("sample.py: give at least two --seeds, so every figure has a spread")
+    from generate import InputError
     try:
         run(args)
-    except (ValueError, M.ModelError) as e:
+    except (ValueError, InputError, M.ModelError) as e:
         sys.exit(f"sample.py: {e}")
 
 
