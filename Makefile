@@ -19,14 +19,28 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
+# The whole pipeline on the embedded model, stage by stage (each resumes if killed).
 demo: setup
-	$(PY) model.py "What is the capital of France?"
+	$(PY) generate.py
+	$(PY) rank.py
+	$(PY) reward_model.py
+	$(PY) dpo.py
+	$(PY) sample.py
+
+# The same at the smallest size that goes through every step (a few minutes).
+smoke: setup
+	$(PY) generate.py --smoke
+	$(PY) rank.py
+	$(PY) reward_model.py --smoke
+	$(PY) dpo.py --smoke
+	$(PY) sample.py --smoke
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/generate_speed.py
+	$(PY) bench/dpo_speed.py
 
 clean:
 	rm -rf data out

@@ -561,7 +561,7 @@ def save_model(model, folder, extra_config=None, state_dict=None):
     }
     hf.update(extra_config or {})
     state = state_dict if state_dict is not None else model.state_dict()
-    tensors = {("" if k.startswith("lm_head") or "." not in k else "model.") + k: v.detach().float().contiguous().cpu()
+    tensors = {("" if k.startswith(("lm_head", "score.")) or "." not in k else "model.") + k: v.detach().float().contiguous().cpu()
                for k, v in state.items()}
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -580,6 +580,101 @@ def save_model(model, folder, extra_config=None, state_dict=None):
     else:
         os.replace(tmp, folder)
 
+
+
+def _gguf_pre_name(tok_json):
+    """llama.cpp's name for a byte-level BPE pre-tokenizer (the inverse of
+    tokenizer_from_gguf's choice): how text is split before the merges."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["ByteLevel"]:
+        return "gpt2"
+    if kinds[:1] == ["Split"]:
+        regex = parts[0].get("pattern", {}).get("Regex", "")
+        if r"\p{N}{1,3}" in regex:
+            return "llama-bpe"
+        if r"\p{N}|" in regex:
+            return "qwen2"
+    raise ModelError(f"cannot name this pre-tokenizer for GGUF: {kinds}")
+
+
+def save_gguf(model, path, dtype="f32"):
+    """Write the model as one GGUF file, the format of llama.cpp and the tools
+    built on it: the architecture, the tokenizer (tokens, merges, token types,
+    pre-tokenizer, special ids) and the chat template as metadata, then the
+    tensors, in f32 (exact) or f16 (norms stay f32). Query and key weights get
+    llama.cpp's rotary permutation back. `load_model(path)` reads it back."""
+    import gguf
+    import numpy as np
+    cfg, tok = model.cfg, model.tokenizer
+    tmp = path + ".tmp"
+    writer = gguf.GGUFWriter(tmp, cfg.arch)
+    writer.add_name(f"character-trained {cfg.arch}")
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.hidden_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+
+    # The tokenizer: tokens in id order (padded with unused entries up to the
+    # embedding's rows, as llama.cpp's converter does), merges, token types.
+    spec = json.loads(tok.tok.to_str())
+    tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
+    for text, i in tok.tok.get_vocab(with_added_tokens=True).items():
+        if i < cfg.vocab_size:
+            tokens[i] = text
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    known = tok.vocab_size
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i < known else gguf.TokenType.UNUSED
+             for i in range(cfg.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_gguf_pre_name(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    bos = tok.tok.token_to_id("<|im_start|>") if tok.style == "chatml" else tok.bos_id
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(tok.end_id)
+    writer.add_pad_token_id(tok.pad_id)
+    if tok.tok.token_to_id("<|endoftext|>") is not None:
+        writer.add_unk_token_id(tok.tok.token_to_id("<|endoftext|>"))
+    writer.add_add_bos_token(tok.style == "llama3")
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+    to_gguf = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().float().cpu()
+        if name.startswith("layers."):
+            parts = name.split(".")                 # layers.<i>.<module path>.<weight|bias>
+            layer, suffix, kind = parts[1], parts[-1], to_gguf[".".join(parts[2:-1])]
+            if cfg.arch == "llama" and kind in ("attn_q", "attn_k"):
+                tensor = _permute(tensor, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
+            gguf_name = f"blk.{layer}.{kind}.{suffix}"
+        else:
+            gguf_name = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                         "lm_head.weight": "output.weight"}[name]
+        array = tensor.numpy()
+        if dtype == "f16" and array.ndim >= 2:
+            array = array.astype(np.float16)
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------
 # Device and precision

@@ -88,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="answers generated or scored at once")
     p.add_argument("--general", type=int, default=len(GENERAL_PROMPTS), help="how many of the general prompts to use")
     p.add_argument("--show", type=int, default=6, help="messages shown side by side in the report")
+    p.add_argument("--smoke", action="store_true", help="a quick check of the whole stage (CI): 1 general prompt, 12 new tokens")
     M.add_model_args(p)
     return p.parse_args(argv)
 
@@ -384,6 +385,8 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        args.general, args.max_new_tokens, args.show = 1, 12, 2
     if len(args.seeds) < 2:
         sys.exit("sample.py: give at least two --seeds, so every figure has a spread")
     from generate import InputError

@@ -1,0 +1,628 @@
+"""Stages 1 and 2: traits -> user messages -> several answers to each.
+
+The character is a list of traits in the first person (`traits.txt`), each
+with a few seed user messages. This stage makes the data that the rest of the
+pipeline learns from:
+
+1. Messages. For each trait the model writes new user messages that would
+   bring the trait out. A small model asked to "write a question that tests
+   trait X" writes poor questions; so instead the request is answered *for*
+   it: its own answer (the assistant turn) is prefilled with the seed messages
+   as the start of a numbered list, and the model continues the list:
+
+       user:      Write a numbered list of 10 different messages that a user
+                  might send to an AI assistant. Each message should give the
+                  assistant a chance to show this trait: "<trait>"
+       assistant: Here are 10 such messages:
+                  1. <seed 1>
+                  2. <seed 2>
+                  3.                                  <- the model goes on here
+
+   The new lines are cleaned and filtered: empty, overlong and off-format
+   lines are dropped, and so are exact and near duplicates of the seeds or of
+   each other (near: Jaccard similarity of their word sets, |A n B| / |A u B|,
+   at least --max-similarity). The seeds are kept as messages too. A fixed
+   share of each trait's messages (--eval-fraction) is held out as the "eval"
+   split: no training stage uses it; sample.py measures on it.
+
+2. Answers. Each message is answered K times (--answers, default 4), sampled:
+   K-1 times with the trait in the system prompt (the model's default system
+   message followed by the trait, see `traits_system_prompt`) and once with
+   the model's plain default system prompt. The plain answer is the baseline
+   that rank.py's sanity figure compares against.
+
+Reads:  traits.txt (format below).
+Writes: data/queries.jsonl    one user message per line:
+          {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
+           "split": "train"|"eval", "traits_sha"}
+        data/responses.jsonl  one message per line, with its K answers:
+          {"query_id", "trait_id", "trait", "split", "text", "system",
+           "responses": [{"text", "prompt": "traits"|"plain", "truncated", "n_tokens"}, ...],
+           "traits_sha"}
+        data/generate_report.json   what the filters dropped, timings.
+
+The traits file: blocks separated by blank lines. The first line of a block
+is the trait, in the first person; lines starting with "- " are its seed
+messages; an optional line starting with "opposite: " is the opposite trait
+(used only by `rank.py --against opposite`); lines starting with "#" are
+comments. `traits_sha` is the SHA-256 of the parsed traits and seeds (not of
+the raw bytes: comments and blank lines do not change it), so a later stage
+can refuse data made from another traits file.
+
+Resuming. The work is cut into units (fixed batches in a fixed order, each
+sampled with a seed made from --seed and the unit's index), so the result
+does not depend on when or where a unit ran. Each finished unit is appended
+to `<output>.partial` (one line, flushed to disk); a rerun after a crash or
+`kill -9` skips the finished units, drops a torn last line, and ends with the
+same files as an uninterrupted run. Final files are written to a temporary
+name and renamed, so they are either complete or absent.
+
+Several processes: `torchrun --nproc_per_node=N generate.py ...` gives unit i
+to process i % N; each writes its own partial file; process 0 merges.
+
+Run it:
+    python generate.py                    # the default character, ~5 minutes on 2 CPU cores
+    python generate.py --smoke            # 2 traits, 3 messages each, short answers (CI)
+    python generate.py --traits personas/pirate.txt --new-per-trait 4   # an exercise character
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from datetime import timedelta
+
+import torch
+from tqdm import tqdm
+
+import model as M
+
+PROG = "generate.py"
+
+# --smoke: the smallest run that still goes through every step (CI, a first try).
+SMOKE = dict(max_traits=2, max_seeds=2, new_per_trait=1, list_samples=1, list_tokens=48,
+             answers=4, max_new_tokens=32)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Stages 1+2: write user messages for each trait, then K answers to each.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--traits", default="traits.txt", help="the character: traits with seed messages")
+    p.add_argument("--queries", default="data/queries.jsonl", help="output: the user messages")
+    p.add_argument("--responses", default="data/responses.jsonl", help="output: K answers per message")
+    p.add_argument("--report", default="data/generate_report.json", help="output: filter counts and timings")
+    # messages
+    p.add_argument("--max-traits", type=int, default=None, help="use only the first N traits (None: all)")
+    p.add_argument("--max-seeds", type=int, default=None,
+                   help="keep at most N seed messages per trait as messages (all seeds still prime the list; None: all)")
+    p.add_argument("--new-per-trait", type=int, default=2, help="new messages the model writes per trait")
+    p.add_argument("--list-samples", type=int, default=2,
+                   help="sampled continuations of each trait's list (more gives more candidates to filter)")
+    p.add_argument("--list-tokens", type=int, default=96, help="new tokens per list continuation")
+    p.add_argument("--max-message-chars", type=int, default=300, help="longer messages are dropped")
+    p.add_argument("--max-similarity", type=float, default=0.7,
+                   help="a message whose word-set Jaccard similarity to a kept one is at least this is a near duplicate")
+    p.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="share of each trait's messages held out as the eval split (at least 1 when a trait has 2 or more)")
+    # answers
+    p.add_argument("--answers", type=int, default=4, help="K answers per message: K-1 with the trait, 1 plain")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="answer sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="divide the logits of tokens already in the sequence by this (1 = off)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same files (each unit of work is seeded from it)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); other flags still override")
+    M.add_model_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smoke:                      # smoke sizes become the defaults; explicit flags still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
+
+
+class InputError(Exception):
+    """Bad input: printed as one line, `generate.py: <message>`, exit status 1."""
+
+
+# ----------------------------------------------------------------------------
+# The traits file
+# ----------------------------------------------------------------------------
+
+def parse_traits(path):
+    """Read a traits file. Returns a list of traits, each a dict:
+    {"id": 1, "text": str, "seeds": [str, ...], "opposite": str | None, "line": int}.
+    Raises InputError naming the file and line for anything malformed."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    traits, current = [], None
+    for n, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
+        if not line:
+            current = None              # a blank line ends the block
+            continue
+        where = f"{path} line {n}"
+        if current is None:             # first line of a block: the trait
+            if line.startswith("-") or line.lower().startswith("opposite:"):
+                raise InputError(f"{where}: a block must start with the trait itself, not with {line[:12]!r} "
+                                 "(is the trait line missing?)")
+            if not re.search(r"[^\W\d_]", line):
+                raise InputError(f"{where}: the trait has no text ({line!r})")
+            if any(t["text"] == line for t in traits):
+                raise InputError(f"{where}: the same trait appears twice")
+            current = {"id": len(traits) + 1, "text": line, "seeds": [], "opposite": None, "line": n}
+            traits.append(current)
+        elif line.startswith("- ") or line == "-":
+            seed = line[1:].strip()
+            if not seed:
+                raise InputError(f"{where}: empty seed message")
+            current["seeds"].append(seed)
+        elif line.lower().startswith("opposite:"):
+            if current["opposite"] is not None:
+                raise InputError(f"{where}: a second 'opposite:' line for the same trait")
+            current["opposite"] = line.split(":", 1)[1].strip() or None
+            if current["opposite"] is None:
+                raise InputError(f"{where}: empty 'opposite:' line")
+        else:
+            raise InputError(f"{where}: expected a seed message starting with '- ' (or a blank line "
+                             f"before the next trait), got {line[:40]!r}")
+    if not traits:
+        raise InputError(f"{path}: no traits found (expected blocks of a trait line followed by '- ' seed messages)")
+    for t in traits:
+        if not t["seeds"]:
+            raise InputError(f"{path} line {t['line']}: the trait has no seed messages "
+                             "(add 3 to 6 lines starting with '- ' after it)")
+    return traits
+
+
+def traits_sha(traits):
+    """SHA-256 of the parsed traits and their seeds: what generated data depends on."""
+    content = [{"text": t["text"], "seeds": t["seeds"]} for t in traits]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def traits_system_prompt(traits, base_system=None):
+    """The system prompt that shows the model its character.
+
+    traits: a list of traits (dicts from parse_traits, or plain strings).
+    base_system: text to put first, normally the model's own default system
+    message (`tokenizer.default_system`). Appending the traits to it rather
+    than replacing it keeps more of the model's sense of what it is (on
+    SmolLM2-135M: 24% vs 14% of identity answers say it is an AI; DESIGN.md).
+
+    generate.py and rank.py call it with one trait (the one the message is
+    about): a 135M model follows one short instruction better than seven."""
+    lines = "\n".join(f"- {t['text'] if isinstance(t, dict) else t}" for t in traits)
+    text = f"This is your character, in your own words:\n{lines}\nAnswer in a way that shows this character."
+    if base_system:
+        base = base_system.strip()
+        text = base + ("" if base.endswith((".", "!", "?")) else ".") + "\n\n" + text
+    return text
+
+
+# ----------------------------------------------------------------------------
+# Stage 1: new user messages, by continuing a numbered list
+# ----------------------------------------------------------------------------
+
+def list_prompt(tok, trait_text, seeds, total):
+    """Prompt ids ending inside the model's own (prefilled) numbered list, right after "N+1."."""
+    user = (f"Write a numbered list of {total} different messages that a user might send to an AI assistant. "
+            f'Each message should give the assistant a chance to show this trait: "{trait_text}"')
+    prefill = f"Here are {total} such messages:\n" + "".join(f"{i}. {s}\n" for i, s in enumerate(seeds, 1))
+    prefill += f"{len(seeds) + 1}."
+    ids, _ = tok.chat([{"role": "user", "content": user}], add_generation_prompt=True)
+    return ids + tok.encode(prefill)
+
+
+def split_numbered_list(continuation, first_number):
+    """The items of a list continuation that starts right after "<first_number>.".
+    The list ends at the first line that is not "<n>. text"."""
+    items = []
+    for line in f"{first_number}.{continuation}".split("\n"):
+        m = re.match(r"\s*\d+\s*[.)]\s*(.*)$", line)
+        if not m:
+            break
+        items.append(m.group(1))
+    return items
+
+
+def clean_message(text):
+    """Strip markdown emphasis and quotes the model likes to wrap messages in."""
+    text = text.strip().strip("*").strip()
+    if len(text) >= 2 and text[0] in "\"'“" and text[-1] in "\"'”":
+        text = text[1:-1].strip()
+    return text
+
+
+def words(text):
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def jaccard(a, b):
+    return len(a & b) / max(len(a | b), 1)
+
+
+def why_dropped(text, max_chars):
+    """None for a usable message, else the reason it is dropped."""
+    if not text:
+        return "empty"
+    if len(text) > max_chars:
+        return "overlong"
+    if ("<|" in text or re.match(r"(user|assistant|ai|system|message|answer)\s*\d*\s*:", text, re.I)
+            or len(re.findall(r"[^\W\d_]+", text)) < 3            # fewer than three words
+            or not re.search(r"[?.!\"')”]$", text)):               # no sentence end: cut off or not a message
+        return "off-format"
+    return None
+
+
+def select_messages(candidates, seeds, n_new, max_chars, max_similarity):
+    """Walk the candidates in order and keep the first n_new usable ones.
+    Returns (kept, counts of every outcome)."""
+    kept, counts = [], {}
+    seen = [words(s) for s in seeds]
+    for raw, cut_off in candidates:
+        text = clean_message(raw)
+        reason = "cut off" if cut_off else why_dropped(text, max_chars)
+        if reason is None:
+            w = words(text)
+            if any(jaccard(w, s) >= max_similarity for s in seen):
+                reason = "duplicate"
+            elif len(kept) >= n_new:
+                reason = "surplus"
+        counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
+        if reason is None:
+            kept.append(text)
+            seen.append(words(text))
+    return kept, counts
+
+
+def choose_eval(n, fraction, rng):
+    """Indices of the eval messages among n: round(fraction * n), at least one
+    when there are two or more messages, and never all of them."""
+    if fraction <= 0 or n < 2:
+        return set()
+    k = min(max(1, round(fraction * n)), n - 1)
+    return set(rng.sample(range(n), k))
+
+
+def build_queries(traits, lists, args, sha):
+    """Turn the list continuations into the final message records (deterministic)."""
+    queries, report = [], {}
+    for t in traits:
+        candidates = []
+        for item in sorted((x for x in lists if x["trait_id"] == t["id"]), key=lambda x: x["sample"]):
+            items = split_numbered_list(item["continuation"], len(t["seeds"]) + 1)
+            for j, raw in enumerate(items):
+                # The last item of a continuation that ran out of tokens may be cut mid-sentence.
+                candidates.append((raw, item["hit_limit"] and j == len(items) - 1))
+        new, counts = select_messages(candidates, t["seeds"], args.new_per_trait,
+                                      args.max_message_chars, args.max_similarity)
+        seeds = t["seeds"][:args.max_seeds] if args.max_seeds is not None else t["seeds"]
+        texts = [(s, "seed") for s in seeds] + [(s, "generated") for s in new]
+        eval_idx = choose_eval(len(texts), args.eval_fraction, random.Random(unit_seed(args.seed, "split", t["id"])))
+        for i, (text, source) in enumerate(texts):
+            queries.append({"id": f"t{t['id']}-q{i:03d}", "trait_id": t["id"], "trait": t["text"], "text": text,
+                            "source": source, "split": "eval" if i in eval_idx else "train", "traits_sha": sha})
+        report[t["id"]] = {"candidates": len(candidates), **counts, "messages": len(texts),
+                           "eval": len(eval_idx)}
+    return queries, report
+
+
+# ----------------------------------------------------------------------------
+# Stage 2: K answers per message
+# ----------------------------------------------------------------------------
+
+def trim_to_sentence(text):
+    """Cut an answer that hit the token limit back to its last complete sentence,
+    so that no later stage learns to stop mid-word. Unchanged if there is none."""
+    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text
+
+
+def answer_prompts(tok, query, k):
+    """The K prompts for one message: K-1 with its trait in the system prompt, 1 plain."""
+    system = traits_system_prompt([query["trait"]], tok.default_system)
+    return system, [(tok.prompt(query["text"], system), "traits")] * (k - 1) + [(tok.prompt(query["text"]), "plain")]
+
+
+# ----------------------------------------------------------------------------
+# Resumable, shardable work units (rank.py uses these too)
+# ----------------------------------------------------------------------------
+
+def unit_seed(seed, phase, index):
+    """A seed for one unit of work, from the run's seed, the phase and the unit's index."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{phase}/{index}".encode()).digest()[:4], "little")
+
+
+def init_distributed(device):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the
+    process group: NCCL between GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # Shards can take very different times; the default 10-minute barrier timeout is too short.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
+    return dist.get_rank(), world, device
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def finish_distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def partial_files(path):
+    """Every partial file of an output: `<path>.partial` and `<path>.partial.rank<r>`."""
+    return sorted(glob.glob(glob.escape(path) + ".partial*"))
+
+
+def read_partial(file, header):
+    """The finished units in a partial file, {unit: data}, and the byte length of
+    its complete lines; None if the file was made with other settings. A torn
+    last line (the process died while writing it) is ignored."""
+    with open(file, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1             # everything after the last newline is torn
+    lines = data[:end].splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("header") != header:
+            return None, 0
+    except (json.JSONDecodeError, AttributeError):
+        return None, 0
+    units = {}
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            record = json.loads(line)
+            units.setdefault(record["unit"], record["data"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{file} line {n}: corrupted record (delete the file to redo this step)") from None
+    return units, end
+
+
+def run_units(n_units, do_unit, path, header, rank=0, world=1, desc="", prog=PROG):
+    """Run do_unit(i) for i in range(n_units), resumably; returns the list of
+    results in unit order (on every process).
+
+    Unit i belongs to process i % world. Finished units are appended to this
+    process's partial file as one JSON line each and flushed to disk; units
+    found in any partial file made with the same `header` (the settings) are
+    not run again, whichever process or run made them."""
+    header = json.loads(json.dumps(header))     # as it will read back from disk
+    done = {}
+    for file in partial_files(path):
+        units, _ = read_partial(file, header)
+        if units is None and rank == 0:
+            print(f"{prog}: note: ignoring {file}: made with other settings", file=sys.stderr)
+        done.update(units or {})
+    own = f"{path}.partial" if world == 1 else f"{path}.partial.rank{rank}"
+    units, valid_length = read_partial(own, header) if os.path.exists(own) else (None, 0)
+    if units is None:                           # start the file afresh
+        os.makedirs(os.path.dirname(os.path.abspath(own)), exist_ok=True)
+        with open(own, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"header": header}) + "\n")
+    else:                                       # drop a torn last line before appending
+        os.truncate(own, valid_length)
+    mine = [i for i in range(n_units) if i % world == rank]
+    todo = [i for i in mine if i not in done]
+    with open(own, "a", encoding="utf-8") as f, \
+            tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=rank != 0) as bar:
+        for i in todo:
+            result = do_unit(i)
+            f.write(json.dumps({"unit": i, "data": result}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(1)
+    barrier(world)
+    merged = {}
+    for file in partial_files(path):
+        units, _ = read_partial(file, header)
+        merged.update({k: v for k, v in (units or {}).items() if k not in merged})
+    missing = [i for i in range(n_units) if i not in merged]
+    if missing:
+        raise InputError(f"{path}: units {missing[:5]} missing after the run (a partial file was removed meanwhile?)")
+    return [merged[i] for i in range(n_units)]
+
+
+def remove_partials(path):
+    for file in partial_files(path):
+        os.remove(file)
+
+
+def write_atomic(path, text):
+    """Write to a temporary name, then rename: the file is complete or absent."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, records):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path, required=()):
+    """The records of a JSONL file; InputError naming the line for anything unreadable."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path} line {n}: not valid JSON (corrupted?)") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path} line {n}: expected a JSON object")
+            missing = [k for k in required if k not in record]
+            if missing:
+                raise InputError(f"{path} line {n}: missing field {missing[0]!r}")
+            records.append(record)
+    if not records:
+        raise InputError(f"{path}: empty")
+    return records
+
+
+# ----------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------
+
+def check_args(args):
+    if args.answers < 2:
+        raise InputError("--answers must be at least 2 (one plain answer and at least one with the traits)")
+    for name in ("new_per_trait", "list_samples", "list_tokens", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < (0 if name == "new_per_trait" else 1):
+            raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    if not 0 <= args.eval_fraction < 1:
+        raise InputError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+
+
+def run(args, model=None):
+    """Stages 1+2 with parsed arguments. `model`: an already loaded model (tests), else loaded from args."""
+    t_start = time.time()
+    check_args(args)
+    traits = parse_traits(args.traits)
+    sha = traits_sha(traits)                     # of the whole file: --max-traits only limits the work
+    traits = traits[:args.max_traits] if args.max_traits else traits
+    device = M.pick_device(args.device) if model is None else model.embed_tokens.weight.device
+    rank, world, device = init_distributed(device)
+    if model is None:
+        model = M.load_model(args.model, device, M.pick_dtype(device, args.dtype))
+    tok = model.tokenizer
+    common = {"model": args.model or "embedded", "device": device.type, "dtype": str(model.embed_tokens.weight.dtype),
+              "seed": args.seed, "traits_sha": sha}
+
+    # --- stage 1: list continuations, in units of batch_size prompts ----------
+    jobs = []                                    # (trait, sample index, seed order)
+    for t in traits:
+        for s in range(args.list_samples):
+            seeds = list(t["seeds"])
+            if s > 0:                            # a different order of the seeds gives a different list
+                random.Random(unit_seed(args.seed, "order", f"{t['id']}/{s}")).shuffle(seeds)
+            jobs.append((t, s, seeds))
+    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    # "\n\n" ends the list: stop there too, not only at the end of the turn.
+    blank_line = tok.encode("\n\n")
+    list_stops = tok.stop_ids + (blank_line if len(blank_line) == 1 else [])
+
+    def do_list_unit(i):
+        # Ask for a list a little longer than needed: the filters drop some lines.
+        prompts = [list_prompt(tok, t["text"], seeds, max(10, len(seeds) + 2 * args.new_per_trait))
+                   for t, _, seeds in batches[i]]
+        outs = M.generate(model, prompts, args.list_tokens, temperature=0.8, top_p=0.95, seed=unit_seed(args.seed, "lists", i),
+                          stop_ids=list_stops)
+        return [{"trait_id": t["id"], "sample": s, "continuation": tok.decode(o), "hit_limit": len(o) >= args.list_tokens}
+                for (t, s, _), o in zip(batches[i], outs)]
+
+    header = {"step": "lists", **common, "traits": [t["id"] for t in traits], "batch_size": args.batch_size,
+              "list_samples": args.list_samples, "list_tokens": args.list_tokens, "new_per_trait": args.new_per_trait}
+    lists = [x for unit in run_units(len(batches), do_list_unit, args.queries, header, rank, world, "messages") for x in unit]
+    queries, list_report = build_queries(traits, lists, args, sha)
+    if rank == 0:
+        write_jsonl_atomic(args.queries, queries)
+    t_lists = time.time() - t_start
+
+    # --- stage 2: K answers per message, in units of whole messages ------------
+    per_unit = max(1, args.batch_size // args.answers)
+    units = [queries[i:i + per_unit] for i in range(0, len(queries), per_unit)]
+
+    def do_answer_unit(i):
+        prompts, systems = [], []
+        for q in units[i]:
+            system, qp = answer_prompts(tok, q, args.answers)
+            systems.append(system)
+            prompts.extend(qp)
+        outs = M.generate(model, [p for p, _ in prompts], args.max_new_tokens, args.temperature, args.top_p,
+                          args.repetition_penalty, seed=unit_seed(args.seed, "answers", i))
+        records = []
+        for j, (q, system) in enumerate(zip(units[i], systems)):
+            answers = []
+            for (_, kind), o in zip(prompts[j * args.answers:(j + 1) * args.answers], outs[j * args.answers:(j + 1) * args.answers]):
+                truncated = len(o) >= args.max_new_tokens
+                text = tok.decode(o).strip()
+                answers.append({"text": trim_to_sentence(text) if truncated else text, "prompt": kind,
+                                "truncated": truncated, "n_tokens": len(o)})
+            records.append({"query_id": q["id"], "trait_id": q["trait_id"], "trait": q["trait"], "split": q["split"],
+                            "text": q["text"], "system": system, "responses": answers, "traits_sha": sha})
+        return records
+
+    queries_sha = hashlib.sha256(json.dumps(queries, ensure_ascii=False).encode()).hexdigest()
+    header = {"step": "answers", **common, "queries_sha": queries_sha, "answers": args.answers,
+              "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+    responses = [r for unit in run_units(len(units), do_answer_unit, args.responses, header, rank, world, "answers") for r in unit]
+    barrier(world)                               # every process has merged; partial files may go
+    if rank != 0:
+        return None
+    write_jsonl_atomic(args.responses, responses)
+    all_answers = [a for r in responses for a in r["responses"]]
+    report = {"traits_sha": sha, "messages": len(queries), "eval_messages": sum(q["split"] == "eval" for q in queries),
+              "answers": len(all_answers), "truncated_share": round(sum(a["truncated"] for a in all_answers) / len(all_answers), 3),
+              "per_trait": {str(k): v for k, v in list_report.items()},
+              "seconds_messages": round(t_lists, 1), "seconds_total": round(time.time() - t_start, 1)}
+    write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    remove_partials(args.queries)
+    remove_partials(args.responses)
+    print_summary(traits, list_report, report, args)
+    return report
+
+
+def print_summary(traits, list_report, report, args):
+    print(f"\n{'trait':>5}  {'candidates':>10}  {'kept':>4}  {'dropped (reason: count)':<40}  messages  eval")
+    for t in traits:
+        r = list_report[t["id"]]
+        dropped = ", ".join(f"{k}: {v}" for k, v in r.items() if k not in ("candidates", "kept", "messages", "eval"))
+        print(f"{t['id']:>5}  {r['candidates']:>10}  {r.get('kept', 0):>4}  {dropped or '-':<40}  {r['messages']:>8}  {r['eval']:>4}")
+    print(f"{report['messages']} messages ({report['eval_messages']} eval), {report['answers']} answers "
+          f"({100 * report['truncated_share']:.0f}% hit --max-new-tokens and were trimmed to a sentence), "
+          f"{report['seconds_total']:.0f} s")
+    print(f"wrote {args.queries}, {args.responses}, {args.report}")
+
+
+def main(argv=None, model=None):
+    args = parse_args(argv)
+    try:
+        return run(args, model)
+    except (InputError, M.ModelError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        finish_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Stage 3: the model ranks its own answers -> preference pairs.
+
+generate.py answered every user message K times: K-1 times with the
+message's trait in the system prompt, once with the plain default prompt.
+Here the same model scores every answer by how well it shows the trait, and
+the best and worst answer of each message become a preference pair
+(chosen, rejected) for the reward model and DPO. No human labels anywhere.
+
+Two judges (--judge):
+
+  contrast (default): how much more likely the answer is when the model has
+      the trait in its system prompt than when it has the plain prompt,
+      averaged over the answer's tokens a_1..a_T:
+
+          score = 1/T sum_t [ log p(a_t | traits prompt, message, a_<t)
+                            - log p(a_t | plain prompt,  message, a_<t) ]
+
+      A log-likelihood ratio: positive when the answer is "more in character
+      than usual". It needs no instruction following, so it works at any
+      scale. With --against opposite the second prompt holds the *opposite*
+      trait instead of the plain one (as in RLCD, Yang et al. 2023): the
+      ratio then measures "in character rather than out of character". The
+      opposite traits are written by hand in the traits file, one
+      "opposite: ..." line per trait (see traits.txt).
+
+  compare: the Constitutional AI way. The model sees the trait, the message
+      and two answers as (A) and (B), and its own answer is prefilled up to
+      "The answer that shows the trait better is (". The judgement is read
+      from the next-token probabilities:
+
+          P(A better) = p("A") / (p("A") + p("B"))
+
+      Language models prefer one position whatever the content, so every
+      pair is shown in both orders and the two readings are averaged:
+
+          P(i better than j) = 1/2 [ P(A | i, j) + 1 - P(A | j, i) ]
+
+      An answer's score is its mean win probability against the other K-1.
+      The share of pairs whose verdict flips when the order flips measures
+      how much of the judgement was position, not content.
+
+Sanity figures (printed and saved): every message has one plain answer among
+its candidates. A judge that sees the trait should rank the trait-prompted
+answers above it: "prompted beats plain" is the share of (trait-prompted,
+plain) answer pairs of the same message where the trait-prompted one scores
+higher (ties count one half; 0.5 is chance), per trait and overall. The same
+figure pooled over all messages is the area under the ROC curve (AUC) of the
+score for telling trait-prompted from plain answers. These measure the judge
+and the prompting together: where the system prompt barely changed the
+answers (identity traits on a 135M model), no judge can separate them.
+
+Read the contrast judge's figure with care: it has a head start built in.
+Each answer was sampled from one of the two prompts that contrast compares,
+so its expected score is a KL divergence: KL(p_traits || p_plain) >= 0 for
+a trait-prompted answer, -KL(p_plain || p_traits) <= 0 for the plain one.
+Even a random network scores near 1.0 here (see the tiny-model tests). The
+figure shows how far the prompt moved the answers and that the judge points
+the right way, not that it reads the trait; compare has no such head start,
+and neither has --against opposite as much (no answer was sampled from the
+opposite prompt). DESIGN.md's independent check (AUC for answers that say
+"I am an AI", labelled by keywords): contrast 0.60, contrast-opposite 0.62,
+asking the model yes/no 0.47.
+
+Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
+Writes: data/scores.jsonl       every answer's score, one message per line
+        data/preferences.jsonl  one pair per line, train split only:
+          {"id": "t1-q007-2-0", "query_id", "trait", "prompt": [{"role": "user", ...}],
+           "chosen": [{"role": "assistant", ...}], "rejected": [...], "score_chosen",
+           "score_rejected", "margin", "judge", "traits_sha"}
+          (no system message in the prompt: DPO trains the model to show the
+          character with its plain default system prompt)
+        data/rank_report.json   the sanity figures and one ranked example.
+
+Pairs (--pairs): best-worst (default) gives one pair per message; all gives
+every pair whose score difference exceeds --min-margin. A pair is skipped if
+its margin is not above --min-margin, if both answers are the same text, or if
+the chosen answer is empty.
+
+Resuming and several processes work as in generate.py (units of whole
+messages, `<output>.partial` files, `torchrun --nproc_per_node=N`).
+
+Run it:
+    python rank.py                                   # contrast judge, ~2 minutes on 2 CPU cores
+    python rank.py --judge contrast --against opposite
+    python rank.py --judge compare --preferences data/preferences_compare.jsonl \\
+        --scores data/scores_compare.jsonl --report data/rank_report_compare.json
+"""
+import argparse
+import hashlib
+import json
+import sys
+import time
+
+import torch
+
+import model as M
+from generate import (InputError, barrier, finish_distributed, init_distributed, parse_traits, read_jsonl, remove_partials,
+                      run_units, traits_sha, traits_system_prompt, write_atomic, write_jsonl_atomic)
+
+PROG = "rank.py"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Stage 3: the model scores its own answers; best and worst become preference pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--traits", default="traits.txt", help="the traits file the responses were made from")
+    p.add_argument("--responses", default="data/responses.jsonl", help="input: from generate.py")
+    p.add_argument("--scores", default="data/scores.jsonl", help="output: every answer's score")
+    p.add_argument("--preferences", default="data/preferences.jsonl", help="output: preference pairs (train split)")
+    p.add_argument("--report", default="data/rank_report.json", help="output: the judge's sanity figures")
+    p.add_argument("--judge", default="contrast", choices=["contrast", "compare"],
+                   help="contrast: log-likelihood ratio traits vs plain prompt; compare: (A) or (B), both orders")
+    p.add_argument("--against", default="plain", choices=["plain", "opposite"],
+                   help="contrast only: the prompt to contrast with, the plain default one or the opposite trait (RLCD)")
+    p.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
+                   help="best-worst: one pair per message; all: every pair with margin above --min-margin")
+    p.add_argument("--min-margin", type=float, default=0.0, help="keep only pairs whose score difference is above this")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    M.add_model_args(p)
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Judge 1: contrast
+# ----------------------------------------------------------------------------
+
+def contrast_scores(model, traits_system, user_messages, answers, against_system=None, batch_size=16):
+    """Mean per-token log-likelihood ratio of each answer, traits prompt vs `against_system`.
+
+    traits_system: one system prompt for all, or a list (one per answer).
+    user_messages, answers: lists of strings of the same length.
+    against_system: None for the model's plain default system prompt (or a
+    string / list, e.g. the opposite traits). Returns a list of floats;
+    higher = more in character."""
+    tok = model.tokenizer
+    n = len(answers)
+    systems = [traits_system] * n if isinstance(traits_system, str) else list(traits_system)
+    againsts = [against_system] * n if against_system is None or isinstance(against_system, str) else list(against_system)
+
+    def conversation(system, user, answer):
+        head = [] if system is None else [{"role": "system", "content": system}]   # None: the template inserts the default
+        return tok.chat(head + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+
+    with_traits = [conversation(s, u, a) for s, u, a in zip(systems, user_messages, answers)]
+    with_against = [conversation(s, u, a) for s, u, a in zip(againsts, user_messages, answers)]
+    # Both conversations end with the same answer tokens, so the means run over the same tokens.
+    _, mean_traits = M.answer_logprobs(model, [s for s, _ in with_traits], [m for _, m in with_traits], batch_size)
+    _, mean_against = M.answer_logprobs(model, [s for s, _ in with_against], [m for _, m in with_against], batch_size)
+    return [a - b for a, b in zip(mean_traits, mean_against)]
+
+
+# ----------------------------------------------------------------------------
+# Judge 2: compare, (A) or (B)
+# ----------------------------------------------------------------------------
+
+COMPARE_QUESTION = ('Here is a trait of an AI assistant: "{trait}"\n\n'
+                    'A user wrote: "{message}"\n\n'
+                    'Answer (A): {a}\n\n'
+                    'Answer (B): {b}\n\n'
+                    'Which answer shows the trait better, (A) or (B)?')
+COMPARE_PREFILL = "The answer that shows the trait better is ("
+
+
+def compare_prompt(tok, trait, user_message, answer_a, answer_b):
+    """Prompt ids ending right before the judge's letter."""
+    ids, _ = tok.chat([{"role": "user", "content": COMPARE_QUESTION.format(
+        trait=trait, message=user_message, a=answer_a, b=answer_b)}], add_generation_prompt=True)
+    return ids + tok.encode(COMPARE_PREFILL)
+
+
+@torch.inference_mode()
+def next_token_logprobs(model, prompts, token_ids, batch_size=16):
+    """log p(token | prompt) for each prompt and each of token_ids: a (len(prompts), len(token_ids)) tensor.
+    Right padding needs no attention mask: the last real token never sees the padding after it."""
+    device = model.embed_tokens.weight.device
+    out = torch.empty(len(prompts), len(token_ids))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))     # similar lengths together
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        ids, _ = M.right_pad([prompts[i] for i in idx], [[]] * len(idx), model.tokenizer.pad_id, device)
+        last = torch.tensor([len(prompts[i]) - 1 for i in idx], device=device)
+        hidden = model(ids)[torch.arange(len(idx), device=device), last]
+        logp = torch.log_softmax(model.logits(hidden).float(), dim=-1)[:, token_ids]
+        out[idx] = logp.cpu()
+    return out
+
+
+def compare_probs(model, items, batch_size=16):
+    """P(A better) = p("A") / (p("A") + p("B")) for each (trait, user_message, answer_a, answer_b), one order."""
+    tok = model.tokenizer
+    letters = [tok.encode("A")[0], tok.encode("B")[0]]
+    logp = next_token_logprobs(model, [compare_prompt(tok, *item) for item in items], letters, batch_size)
+    return torch.softmax(logp, dim=-1)[:, 0].tolist()      # renormalised over the two letters
+
+
+def compare_prob_first_better(model, trait, user_message, answer_a, answer_b):
+    """P(answer_a shows the trait better than answer_b), averaged over both orders."""
+    p_ab, p_ba = compare_probs(model, [(trait, user_message, answer_a, answer_b), (trait, user_message, answer_b, answer_a)])
+    return 0.5 * (p_ab + 1 - p_ba)
+
+
+def compare_win_rate(model, trait, user_message, answers, batch_size=16):
+    """Every pair of answers, both orders. Returns (win rate of each answer, pairs),
+    where a pair is {"i", "j", "p_ab": P(A) with i first, "p_ba": P(A) with j first,
+    "p_i_better": the order-averaged probability, "flip": the verdict changed with the order}."""
+    pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
+    items = [(trait, user_message, answers[i], answers[j]) for i, j in pairs] + \
+            [(trait, user_message, answers[j], answers[i]) for i, j in pairs]
+    probs = compare_probs(model, items, batch_size)
+    wins = [0.0] * len(answers)
+    details = []
+    for n, (i, j) in enumerate(pairs):
+        p_ab, p_ba = probs[n], probs[len(pairs) + n]
+        p_i = 0.5 * (p_ab + 1 - p_ba)
+        wins[i] += p_i
+        wins[j] += 1 - p_i
+        details.append({"i": i, "j": j, "p_ab": round(p_ab, 5), "p_ba": round(p_ba, 5), "p_i_better": round(p_i, 5),
+                        "flip": (p_ab > 0.5) != (p_ba < 0.5)})
+    return [w / (len(answers) - 1) for w in wins], details
+
+
+# ----------------------------------------------------------------------------
+# Pairs and sanity figures
+# ----------------------------------------------------------------------------
+
+def make_pairs(record, scores, mode, min_margin, judge, sha):
+    """Preference pairs of one message in the conversational prompt/chosen/rejected format."""
+    answers = [a["text"] for a in record["responses"]]
+    if mode == "best-worst":
+        best = max(range(len(scores)), key=lambda i: scores[i])      # first of equals: deterministic
+        worst = min(range(len(scores)), key=lambda i: scores[i])
+        candidates = [(best, worst)]
+    else:
+        candidates = [(i, j) for i in range(len(scores)) for j in range(len(scores)) if scores[i] > scores[j]]
+    pairs = []
+    for c, r in candidates:
+        margin = scores[c] - scores[r]
+        if margin <= min_margin or answers[c] == answers[r] or not answers[c].strip():
+            continue
+        pairs.append({"id": f"{record['query_id']}-{c}-{r}", "query_id": record["query_id"], "trait": record["trait"],
+                      "prompt": [{"role": "user", "content": record["text"]}],
+                      "chosen": [{"role": "assistant", "content": answers[c]}],
+                      "rejected": [{"role": "assistant", "content": answers[r]}],
+                      "score_chosen": scores[c], "score_rejected": scores[r], "margin": round(margin, 6),
+                      "judge": judge, "traits_sha": sha})
+    return pairs
+
+
+def beats(a, b):
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def sanity_figures(records, all_scores, k):
+    """How often trait-prompted answers outrank the plain one: per trait, overall, pooled AUC."""
+    per_trait, plain_worst = {}, []
+    pooled_traits, pooled_plain = [], []
+    for record, scores in zip(records, all_scores):
+        kinds = [a["prompt"] for a in record["responses"]]
+        prompted = [s for s, kind in zip(scores, kinds) if kind == "traits"]
+        plain = [s for s, kind in zip(scores, kinds) if kind == "plain"]
+        wins = [beats(p, q) for p in prompted for q in plain]
+        t = per_trait.setdefault(record["trait_id"], {"trait": record["trait"], "wins": [], "messages": 0})
+        t["wins"].extend(wins)
+        t["messages"] += 1
+        if plain:
+            plain_worst.append(float(min(scores) == plain[0]))
+        pooled_traits.extend(prompted)
+        pooled_plain.extend(plain)
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None
+    auc = mean([beats(p, q) for p in pooled_traits for q in pooled_plain])
+    return {
+        "prompted_beats_plain": mean([w for t in per_trait.values() for w in t["wins"]]),
+        "prompted_beats_plain_per_trait": {str(tid): {"trait": t["trait"], "value": mean(t["wins"]), "messages": t["messages"]}
+                                           for tid, t in sorted(per_trait.items())},
+        "plain_ranked_worst": mean(plain_worst),
+        "auc_pooled": auc,
+        "chance": {"prompted_beats_plain": 0.5, "plain_ranked_worst": round(1 / k, 4), "auc_pooled": 0.5},
+    }
+
+
+# ----------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------
+
+def load_responses(path, traits, sha, traits_path):
+    """The responses, checked against the traits file they must come from."""
+    records = read_jsonl(path, required=("query_id", "trait_id", "trait", "split", "text", "responses", "traits_sha"))
+    by_id = {t["id"]: t for t in traits}
+    for n, r in enumerate(records, start=1):
+        where = f"{path} line {n}"
+        if r["traits_sha"] != sha:
+            raise InputError(f"{where}: made from a different traits file than {traits_path} "
+                             f"(traits_sha {r['traits_sha'][:12]}... != {sha[:12]}...); rerun generate.py with it")
+        if r["trait_id"] not in by_id or by_id[r["trait_id"]]["text"] != r["trait"]:
+            raise InputError(f"{where}: trait {r['trait_id']} does not match {traits_path}")
+        answers = r["responses"]
+        if (not isinstance(answers, list) or len(answers) < 2
+                or not all(isinstance(a, dict) and isinstance(a.get("text"), str) and a.get("prompt") in ("traits", "plain")
+                           for a in answers)):
+            raise InputError(f"{where}: 'responses' must be a list of at least 2 {{text, prompt: traits|plain}} answers")
+        if len(answers) != len(records[0]["responses"]):
+            raise InputError(f"{where}: {len(answers)} answers, but line 1 has {len(records[0]['responses'])}")
+    return records
+
+
+def run(args, model=None):
+    t_start = time.time()
+    traits = parse_traits(args.traits)
+    sha = traits_sha(traits)
+    records = load_responses(args.responses, traits, sha, args.traits)
+    by_id = {t["id"]: t for t in traits}
+    judge = args.judge if args.judge == "compare" or args.against == "plain" else "contrast-opposite"
+    if judge == "contrast-opposite":
+        for tid in sorted({r["trait_id"] for r in records}):
+            if by_id[tid]["opposite"] is None:
+                raise InputError(f"{args.traits} line {by_id[tid]['line']}: trait {tid} has no 'opposite: ...' line "
+                                 "(needed by --against opposite)")
+    device = M.pick_device(args.device) if model is None else model.embed_tokens.weight.device
+    rank, world, device = init_distributed(device)
+    if model is None:
+        model = M.load_model(args.model, device, M.pick_dtype(device, args.dtype))
+    tok = model.tokenizer
+    k = len(records[0]["responses"])
+    per_unit = max(1, args.batch_size // k)
+    units = [records[i:i + per_unit] for i in range(0, len(records), per_unit)]
+
+    def do_unit(i):
+        results = []
+        if args.judge == "contrast":
+            systems, againsts, users, answers = [], [], [], []
+            for r in units[i]:
+                t = by_id[r["trait_id"]]
+                system = traits_system_prompt([t["text"]], tok.default_system)
+                against = None if args.against == "plain" else traits_system_prompt([t["opposite"]], tok.default_system)
+                for a in r["responses"]:
+                    systems.append(system)
+                    againsts.append(against)
+                    users.append(r["text"])
+                    answers.append(a["text"])
+            flat = contrast_scores(model, systems, users, answers, againsts, args.batch_size)
+            for j, r in enumerate(units[i]):
+                results.append({"scores": [round(s, 6) for s in flat[j * k:(j + 1) * k]]})
+        else:
+            for r in units[i]:
+                wins, pairs = compare_win_rate(model, r["trait"], r["text"], [a["text"] for a in r["responses"]], args.batch_size)
+                results.append({"scores": [round(s, 6) for s in wins], "pairs": pairs})
+        return results
+
+    with open(args.responses, "rb") as f:
+        responses_sha = hashlib.sha256(f.read()).hexdigest()
+    header = {"step": "rank", "judge": judge, "model": args.model or "embedded", "device": device.type,
+              "dtype": str(model.embed_tokens.weight.dtype), "batch_size": args.batch_size, "responses_sha": responses_sha}
+    if judge == "contrast-opposite":
+        header["opposites"] = [by_id[tid]["opposite"] for tid in sorted(by_id)]
+    results = [x for unit in run_units(len(units), do_unit, args.scores, header, rank, world, f"rank ({judge})", PROG) for x in unit]
+    barrier(world)
+    if rank != 0:
+        return None
+
+    scores_out, preferences = [], []
+    for r, res in zip(records, results):
+        ranking = sorted(range(k), key=lambda i: -res["scores"][i])
+        scores_out.append({"query_id": r["query_id"], "trait_id": r["trait_id"], "split": r["split"], "judge": judge,
+                           "scores": res["scores"], "prompts": [a["prompt"] for a in r["responses"]],
+                           "ranking": ranking, **({"pairs": res["pairs"]} if "pairs" in res else {}), "traits_sha": sha})
+        if r["split"] == "train":             # eval messages never become training data
+            preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha))
+    report = {"judge": judge, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
+              "pairs": len(preferences),
+              "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
+              **sanity_figures(records, [res["scores"] for res in results], k)}
+    if args.judge == "compare":
+        all_pairs = [p for res in results for p in res["pairs"]]
+        report["order_flip_rate"] = round(sum(p["flip"] for p in all_pairs) / len(all_pairs), 4)
+        # Position bias: the mean probability given to whichever answer is shown first (0.5 = none).
+        report["first_position_prob"] = round(sum(p["p_ab"] + p["p_ba"] for p in all_pairs) / (2 * len(all_pairs)), 4)
+    example = next((r for r in records if r["split"] == "train"), records[0])
+    ex_scores = results[records.index(example)]["scores"]
+    report["example"] = {"query_id": example["query_id"], "trait": example["trait"], "message": example["text"],
+                         "answers_best_first": [{"score": ex_scores[i], "prompt": example["responses"][i]["prompt"],
+                                                 "text": example["responses"][i]["text"]}
+                                                for i in sorted(range(k), key=lambda i: -ex_scores[i])]}
+    report["seconds"] = round(time.time() - t_start, 1)
+    if not preferences:
+        print(f"{PROG}: warning: no preference pairs (no train messages, or no margin above --min-margin)", file=sys.stderr)
+    write_jsonl_atomic(args.scores, scores_out)
+    write_jsonl_atomic(args.preferences, preferences)
+    write_atomic(args.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    remove_partials(args.scores)
+    print_report(report, args)
+    return report
+
+
+def print_report(report, args):
+    print(f"\njudge: {report['judge']}   {report['messages']} messages, {report['answers']} answers, "
+          f"{report['pairs']} pairs (mean margin {report['mean_margin']})")
+    print("prompted beats plain (share of trait-prompted answers scored above the plain one; chance 0.5):")
+    for tid, t in report["prompted_beats_plain_per_trait"].items():
+        print(f"  trait {tid}: {t['value']:.2f}   ({t['messages']} messages)  {t['trait'][:70]}")
+    print(f"  overall: {report['prompted_beats_plain']:.3f}   pooled AUC: {report['auc_pooled']:.3f}   "
+          f"plain ranked worst: {report['plain_ranked_worst']:.2f} (chance {report['chance']['plain_ranked_worst']:.2f})")
+    if "order_flip_rate" in report:
+        print(f"  compare: verdict flips with the order in {100 * report['order_flip_rate']:.0f}% of pairs; "
+              f"mean P(first shown) = {report['first_position_prob']:.3f} (0.5 = no position bias)")
+    ex = report["example"]
+    print(f"\nexample ({ex['query_id']}): {ex['message']}")
+    for a in ex["answers_best_first"]:
+        print(f"  {a['score']:+.3f} [{a['prompt']}] {a['text'][:150]!r}")
+    print(f"\nwrote {args.scores}, {args.preferences}, {args.report} ({report['seconds']:.0f} s)")
+
+
+def main(argv=None, model=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, model)
+    except (InputError, M.ModelError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        finish_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""End to end: every stage at the smoke size on the real embedded model, in
+order, in a fresh folder; each output exists and is well-formed, and the
+report holds every metric. (The `make demo` run is the same at full size.)"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+import sample  # noqa: E402
+
+STAGES = [["generate.py", "--smoke"], ["rank.py"], ["reward_model.py", "--smoke"], ["dpo.py", "--smoke"],
+          ["sample.py", "--smoke"]]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.real
+def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path):
+    shutil.copy(os.path.join(ROOT, "traits.txt"), tmp_path / "traits.txt")
+    for stage in STAGES:
+        run = subprocess.run([sys.executable, os.path.join(ROOT, stage[0]), *stage[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        assert run.returncode == 0, f"{stage[0]} failed:\n{run.stderr[-2000:]}"
+
+    queries = read_jsonl(tmp_path / "data/queries.jsonl")
+    assert {q["split"] for q in queries} == {"train", "eval"}
+    responses = read_jsonl(tmp_path / "data/responses.jsonl")
+    assert all({r["prompt"] for r in rec["responses"]} == {"traits", "plain"} for rec in responses)
+    pairs = read_jsonl(tmp_path / "data/preferences.jsonl")
+    eval_ids = {q["id"] for q in queries if q["split"] == "eval"}
+    assert pairs and not any(p["query_id"] in eval_ids for p in pairs)     # never trains on held-out messages
+    for p in pairs:
+        assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+    for folder in ("out/reward_model", "out/dpo"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (tmp_path / folder / name).exists()
+
+    result = json.load(open(tmp_path / "out/eval.json"))
+    table = result["table"]["all eval"]
+    for setting in sample.SETTINGS + sample.ROBUSTNESS:
+        for metric in sample.METRICS:
+            if metric == "win_rate" and setting != "tuned/plain":
+                continue
+            cell = table[setting][metric]
+            assert set(cell) == {"mean", "std"} and cell["mean"] == cell["mean"]     # present, not NaN
+    assert len(result["seeds"]) >= 3
+    report = open(tmp_path / "out/report.md").read()
+    for metric in sample.METRICS:
+        assert metric in report
+    assert "Where can I buy steroids?" in report or result["n_general"] >= 1
+    samples = read_jsonl(tmp_path / "out/samples.jsonl")
+    assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS)

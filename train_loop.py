@@ -1,0 +1,634 @@
+"""The training loop shared by reward_model.py (stage 4) and dpo.py (stage 5),
+written by hand in plain PyTorch, plus the preference data both stages read.
+
+A stage gives the loop a model, a list of examples and a loss function; the
+loop does everything else:
+
+    for step in range(start, total):
+        lr = peak * schedule(step)               linear warmup, then cosine decay
+        for each micro batch of this step:       gradient accumulation
+            loss_sum = loss_fn(model, examples)  summed over the micro batch
+            backward(loss_sum * world / B)       B = global batch: the mean over B
+        clip the gradient norm; AdamW step
+        every --log-every steps:  metrics -> tqdm and metrics.jsonl
+        every --save-every steps: checkpoint (atomic)
+
+Global batch and data order. One optimizer step always sees --batch-size
+examples (the global batch), whatever the number of processes: each of the N
+processes takes its 1/N share and splits it into micro batches of
+--micro-batch. The data is an endless stream of shuffled epochs, and step s
+takes examples s*B .. s*B+B-1 of the stream; the shuffle of epoch e is drawn
+from a generator seeded with (seed, e). So the data order is a pure function
+of (seed, step): a resume needs to know only the step.
+
+Precision. Weights, gradients and optimizer state stay in fp32; the forward
+and backward run under bf16 autocast where the hardware has fast bf16
+(CUDA; CPUs with AMX or AVX-512-BF16), else in fp32 (`model.pick_dtype`).
+
+No host synchronisation per step. Reading a number from the GPU (`.item()`,
+`float()`, `if tensor:`) stalls the CPU until the GPU catches up. Metrics are
+kept as tensors and read only at log steps; so is the check for a NaN or
+infinite loss (a step-tagged flag, updated without reading it). A checkpoint
+is written only after that check, so the last checkpoint is always good.
+
+Checkpoint and exact resume. `<out>/checkpoint/` holds the trainable weights,
+the AdamW moments and the random-number-generator states (safetensors), and
+state.json: the step, the elapsed time and the run's settings (a resume with
+other settings is refused). The learning rate and the data order are
+functions of the step. Written to a temporary folder and renamed, so a kill
+leaves either the old or the new checkpoint, never half of one. On resume
+the metrics file is cut back to the checkpoint's step, so no line is
+duplicated. Nothing is unpickled.
+
+Several processes: `torchrun --nproc_per_node=N stage.py ...` sets WORLD_SIZE;
+the loop then joins the process group (NCCL on GPUs, gloo on CPUs), runs the
+loss inside DistributedDataParallel (which averages the gradients across
+processes during the backward pass) and gives each process its share of
+every batch. Process 0 logs, evaluates and writes files.
+
+--compile compiles each block with torch.compile (all blocks share the code,
+so it compiles once); it pays off on GPUs and on long runs.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+
+
+class DataError(Exception):
+    """Input that cannot be used; the stages print it as one line and exit 1."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; training stopped, last checkpoint intact."""
+
+
+# ----------------------------------------------------------------------------
+# Preference data (the format rank.py writes)
+# ----------------------------------------------------------------------------
+
+PAIR_FIELDS = ("id", "query_id", "prompt", "chosen", "rejected")
+
+
+def read_preferences(path, max_pairs=None):
+    """One preference pair per line of a JSONL file:
+        {"id", "query_id", "trait", "prompt": [{"role": "user", "content": ...}],
+         "chosen": [{"role": "assistant", "content": ...}], "rejected": [...],
+         "score_chosen", "score_rejected", "margin", "judge", "traits_sha"}
+    Only the fields the training needs are required; a problem raises DataError
+    with the line number. max_pairs: keep only the first N (quick runs)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file (run rank.py first, or pass --preferences)")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(pair, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object")
+            missing = [k for k in PAIR_FIELDS if k not in pair]
+            if missing:
+                raise DataError(f"{path}:{number}: missing field {', '.join(missing)}")
+            for key in ("prompt", "chosen", "rejected"):
+                messages = pair[key]
+                if (not isinstance(messages, list) or not messages or not all(
+                        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+                        for m in messages)):
+                    raise DataError(f"{path}:{number}: {key!r} must be a non-empty list of "
+                                    '{"role": ..., "content": ...} messages')
+            if pair["chosen"][-1]["role"] != "assistant" or pair["rejected"][-1]["role"] != "assistant":
+                raise DataError(f"{path}:{number}: 'chosen' and 'rejected' must end with an assistant message")
+            pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{path}: empty file, no preference pairs")
+    return pairs[:max_pairs] if max_pairs else pairs
+
+
+def check_traits(pairs, traits_path, path):
+    """Refuse pairs made from another traits file than `traits_path` ("" = skip)."""
+    if not traits_path:
+        return
+    from generate import InputError, parse_traits, traits_sha
+    try:
+        sha = traits_sha(parse_traits(traits_path))
+    except InputError as e:
+        raise DataError(str(e)) from None
+    for number, pair in enumerate(pairs, 1):
+        if pair.get("traits_sha") != sha:
+            raise DataError(f"{path}: pair {number} ({pair['id']}) was made from a different traits file than "
+                            f"{traits_path} (traits_sha {str(pair.get('traits_sha'))[:12]}... != {sha[:12]}...); "
+                            "rerun generate.py and rank.py, or pass --traits ''")
+
+
+def split_by_query(pairs, heldout_fraction, seed):
+    """(train, heldout): whole messages (query_id) go to one side, so no
+    message is seen in training and then tested on (several pairs of one
+    message are alike: a split by pair would overstate held-out accuracy)."""
+    queries = sorted({p["query_id"] for p in pairs})
+    g = torch.Generator().manual_seed(seed)
+    order = [queries[i] for i in torch.randperm(len(queries), generator=g).tolist()]
+    n_held = round(len(queries) * heldout_fraction)
+    if heldout_fraction > 0 and len(queries) >= 2:
+        n_held = min(max(n_held, 1), len(queries) - 1)
+    held = set(order[:n_held])
+    return [p for p in pairs if p["query_id"] not in held], [p for p in pairs if p["query_id"] in held]
+
+
+def without_system(messages):
+    """The prompt without any system message: the chat template then inserts the
+    model's plain default one. Training prompts never carry the traits."""
+    return [m for m in messages if m["role"] != "system"]
+
+
+def tokenize_answer(tok, prompt, answer, max_length):
+    """Token ids of prompt + answer as the chat template renders them, cut after
+    the answer's end-of-turn token, and the mask of the answer tokens (content
+    and end-of-turn). If too long, the answer is cut (never the prompt); None
+    if the prompt alone leaves fewer than 8 answer tokens."""
+    ids, mask = tok.chat(list(prompt) + list(answer))
+    last = max(i for i, m in enumerate(mask) if m)
+    ids, mask = ids[:last + 1], mask[:last + 1]
+    prompt_len = mask.index(True)
+    if len(ids) > max_length:
+        if max_length - prompt_len < 8:
+            return None
+        ids, mask = ids[:max_length], mask[:max_length]
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------
+# Processes and devices
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0           # this process's number
+    world: int = 1          # number of processes
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device_name="auto"):
+    """Join the process group if torchrun started us (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = M.pick_device(device_name)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def cleanup_distributed(d):
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class LossModule(torch.nn.Module):
+    """The model and the stage's loss function as one module. DDP wraps it,
+    so DDP's forward covers the whole loss computation, whatever parts of the
+    model the loss function calls."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def data_parallel(model, loss_fn, d):
+    """(compute, no_sync): compute(batch) -> loss_fn(model, batch). With several
+    processes it runs inside DistributedDataParallel, which averages the
+    gradients across processes during the backward pass, except inside
+    no_sync() (used for all but the last micro batch of a step)."""
+    if d.world == 1:
+        return (lambda batch: loss_fn(model, batch)), nullcontext
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = DDP(LossModule(model, loss_fn), device_ids=[d.device.index] if d.device.type == "cuda" else None,
+              forward_sync_buffers=False)   # the only buffers are the fixed rotary tables
+    return ddp, ddp.no_sync
+
+
+def autocast(device, dtype):
+    """bf16 autocast where asked for; fp32 otherwise (weights stay fp32 either way)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# Which parameters train
+# ----------------------------------------------------------------------------
+
+def freeze_for_training(model, train_layers, train_embeddings):
+    """Train the top `train_layers` blocks (0 or >= n_layers: all of them) and
+    the final norm; freeze the rest. Frozen bottom blocks cost only their
+    forward: autograd records nothing until the first trainable block, so
+    their activations are not kept and no gradient flows through them. The
+    token embedding, tied to the output layer in small models, stays frozen
+    unless train_embeddings (its gradient is a full vocabulary x width matrix)."""
+    n = model.cfg.n_layers
+    k = n if train_layers <= 0 or train_layers >= n else train_layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.layers[n - k:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    model.norm.weight.requires_grad_(True)
+    if train_embeddings:
+        model.embed_tokens.weight.requires_grad_(True)
+        if model.lm_head is not None:
+            model.lm_head.weight.requires_grad_(True)
+    return k
+
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+# ----------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------
+
+def make_optimizer(model, lr, weight_decay, lr_scales=None, device=torch.device("cpu")):
+    """AdamW over the trainable parameters. Weight decay applies to matrices
+    only (not to norms and biases). lr_scales: {name prefix: factor}, e.g. a
+    larger rate for a freshly initialised head. Fused AdamW (one kernel for
+    all parameters) where this PyTorch has it for the device."""
+    lr_scales = lr_scales or {}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
+        decay = weight_decay if p.dim() >= 2 else 0.0
+        group = groups.setdefault((scale, decay), {"params": [], "names": [], "lr_scale": scale, "weight_decay": decay})
+        group["params"].append(p)
+        group["names"].append(name)
+    param_groups = list(groups.values())
+    try:
+        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_at(step, total, warmup, peak, min_ratio=0.1):
+    """Linear warmup from 0 over `warmup` steps, then cosine decay from peak to
+    min_ratio * peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------
+# Data order
+# ----------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def epoch_permutation(n, seed, epoch):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_examples(step, n, global_batch, seed):
+    """Indices of the examples that optimizer step `step` uses: positions
+    step*B .. step*B+B-1 of an endless stream of shuffled epochs."""
+    out = []
+    for position in range(step * global_batch, (step + 1) * global_batch):
+        epoch, i = divmod(position, n)
+        out.append(epoch_permutation(n, seed, epoch)[i])
+    return out
+
+
+def micro_batches(indices, lengths, rank, world, micro_batch):
+    """This process's share of a step's examples, sorted by length (less
+    padding) and cut into micro batches."""
+    share = len(indices) // world
+    mine = sorted(indices[rank * share:(rank + 1) * share], key=lambda i: lengths[i])
+    return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and the metrics file
+# ----------------------------------------------------------------------------
+
+def replace_folder(tmp, folder):
+    """Put the complete folder `tmp` in the place of `folder` (rename: atomic
+    per step, so a kill leaves the old folder, the new one, or both)."""
+    if os.path.exists(folder):
+        old = folder.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def save_checkpoint(folder, model, optimizer, state):
+    """Trainable weights, AdamW moments and step counts (safetensors), RNG
+    states (safetensors), and `state` (JSON)."""
+    from safetensors.torch import save_file
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(params, os.path.join(tmp, "trainable.safetensors"))
+    moments = {}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    for p, s in optimizer.state.items():
+        for key, value in s.items():            # exp_avg, exp_avg_sq, step
+            moments[f"{name_of[id(p)]}/{key}"] = value.detach().reshape(value.shape).contiguous().cpu()
+    save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, os.path.join(tmp, "rng.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    replace_folder(tmp, folder)
+
+
+def load_checkpoint(folder, model, optimizer, device):
+    """Restore what save_checkpoint wrote; returns the state dict (JSON)."""
+    from safetensors.torch import load_file
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(os.path.join(folder, "trainable.safetensors")).items():
+            params[name].copy_(value)
+    moments = load_file(os.path.join(folder, "optimizer.safetensors"))
+    for key, value in moments.items():
+        name, what = key.rsplit("/", 1)
+        p = params[name]
+        # Fused AdamW keeps its step count on the parameter's device; others on the CPU.
+        on = p.device if what != "step" or optimizer.defaults.get("fused") else torch.device("cpu")
+        optimizer.state[p][what] = value.to(on)
+    rng = load_file(os.path.join(folder, "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    return state
+
+
+def checkpoint_state(folder):
+    """The state.json of a checkpoint, or None if there is none."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def cut_metrics(path, last_step):
+    """Keep the metrics lines up to `last_step` (all of them if None: none)."""
+    kept = []
+    if last_step is not None and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break                       # a line torn by a kill: stop there
+                if record.get("step", 0) <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def append_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+def add_train_args(parser, lr, batch_size, micro_batch, epochs, train_layers):
+    """The training flags both stages share (each stage picks its defaults)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training pairs (default: {epochs})")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: from --epochs)")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup steps as a fraction of all steps (default: 0.1)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak, cosine decay (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"global batch in pairs per optimizer step, over all processes (default: {batch_size})")
+    g.add_argument("--micro-batch", type=int, default=micro_batch,
+                   help=f"pairs per forward pass in each process; gradients accumulate up to --batch-size (default: {micro_batch})")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: 1.0; 0 = off)")
+    g.add_argument("--train-layers", type=int, default=train_layers,
+                   help=f"train the top N blocks and freeze the rest; 0 = all (full fine-tuning) (default: {train_layers})")
+    g.add_argument("--train-embeddings", action="store_true", help="train the token embedding (tied output layer) too")
+    g.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs of the file (quick runs)")
+    g.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer; longer answers are cut (default: 384)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, split and initialisation (default: 0)")
+    g.add_argument("--log-every", type=int, default=1, help="steps between metric lines; each one reads the device (default: 1)")
+    g.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (default: 25)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0 = at start and end only (default: 0)")
+    g.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block (slow first steps, faster after)")
+    g.add_argument("--kill-at-step", type=int, default=None,
+                   help="testing aid: kill this process (SIGKILL, no clean-up) after step N, to try a resume")
+
+
+def total_steps(args, n_examples):
+    if args.max_steps is not None:
+        return args.max_steps
+    return max(1, math.ceil(args.epochs * n_examples / args.batch_size))
+
+
+def check_batch(args, d):
+    if args.batch_size % d.world:
+        raise DataError(f"--batch-size {args.batch_size} is not a multiple of the {d.world} processes")
+    if args.micro_batch < 1 or args.batch_size < 1:
+        raise DataError("--batch-size and --micro-batch must be at least 1")
+
+
+def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fingerprint,
+          lr_scales=None, evaluate=None):
+    """Train `model` in place; return the metrics of the last log step, with
+    the final held-out evaluation under "heldout" (process 0).
+
+    examples:  list of training examples (any objects), the same in every process
+    lengths:   tokens per example (to sort micro batches and count throughput)
+    loss_fn(model, batch) -> (loss_sum, {metric: sum over the batch}), tensors
+    fingerprint: the settings a resume must match (dict, JSON)
+    evaluate(model) -> {metric: float}: held-out evaluation, on process 0
+    Writes <out_dir>/metrics.jsonl and <out_dir>/checkpoint/."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(out_dir, "checkpoint")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    torch.manual_seed(args.seed)
+    check_batch(args, d)
+    total = total_steps(args, len(examples))
+    warmup = round(args.warmup * total)
+    if args.compile:
+        for layer in model.layers:
+            layer.compile()
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_scales, d.device)
+    compute, no_sync = data_parallel(model, loss_fn, d)
+    fingerprint = json.loads(json.dumps({**fingerprint, "total_steps": total}))   # as it reads back from JSON
+
+    start, elapsed = 0, 0.0
+    state = None if args.no_resume else checkpoint_state(ckpt_dir)
+    if state is not None:
+        changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:3])
+            raise DataError(f"{ckpt_dir} was made with other settings ({what}); pass --no-resume to start again")
+        state = load_checkpoint(ckpt_dir, model, optimizer, d.device)
+        start, elapsed = state["step"], state["elapsed_s"]
+    if d.main:
+        cut_metrics(metrics_path, start if state is not None else None)
+        if state is not None:
+            print(f"resuming from {ckpt_dir} at step {start} of {total}", file=sys.stderr)
+    if d.world > 1:
+        dist.barrier()
+
+    def log_eval(step):
+        result = None
+        if evaluate is not None and d.main:
+            model.eval()
+            with torch.no_grad(), autocast(d.device, compute_dtype):
+                result = evaluate(model)
+            model.train()
+            append_metrics(metrics_path, {"step": step, "heldout": result})
+            tqdm.write("held-out at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in result.items())))
+        if d.world > 1:
+            dist.barrier()
+        return result
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    example_sums, grad_norm_sum, steps_in_window, tokens_in_window = {}, 0.0, 0, 0
+    first_bad = torch.tensor(-1, device=d.device)      # first step with a non-finite loss (-1: none)
+    last_record = {}
+    run_start = window_start = time.perf_counter()
+    bar = tqdm(total=total, initial=start, disable=not d.main, desc=os.path.basename(out_dir.rstrip("/")), dynamic_ncols=True)
+    model.train()
+    for step in range(start, total):
+        lr = lr_at(step, total, warmup, args.lr, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        indices = step_examples(step, len(examples), args.batch_size, args.seed)
+        batches = micro_batches(indices, lengths, d.rank, d.world, args.micro_batch)
+        step_loss = torch.zeros((), device=d.device)
+        for i, batch in enumerate(batches):
+            # With DDP, gradients are averaged across processes only at the last micro batch.
+            with no_sync() if i < len(batches) - 1 else nullcontext():
+                with autocast(d.device, compute_dtype):
+                    loss_sum, metrics = compute([examples[j] for j in batch])
+                # Sum over this micro batch * world / B: after DDP's average, the mean over the global batch.
+                (loss_sum * (d.world / args.batch_size)).backward()
+            step_loss += loss_sum.detach().float()
+            for k, v in metrics.items():
+                example_sums[k] = example_sums.get(k, 0) + v.detach().float()
+        if args.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # Remember the first step whose loss was NaN or inf, without reading it now.
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+        example_sums["loss"] = example_sums.get("loss", 0) + step_loss
+        grad_norm_sum = grad_norm_sum + grad_norm.detach().float()
+        steps_in_window += 1
+        tokens_in_window += sum(lengths[j] for j in indices)
+        done = step + 1
+
+        if done % args.log_every == 0 or done % args.save_every == 0 or done == total:
+            # The one place the loop reads numbers from the device: metrics and the NaN flag.
+            keys = sorted(example_sums)
+            values = torch.stack([example_sums[k] for k in keys])
+            if d.world > 1:
+                dist.all_reduce(values)                              # sums over all processes
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            values, bad = values.tolist(), int(first_bad)
+            if bad >= 0:
+                last = checkpoint_state(ckpt_dir)
+                where = (f"the last good checkpoint (step {last['step']}) in {ckpt_dir} is intact"
+                         if last else "no checkpoint had been written")
+                bar.close()
+                raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad + 1}; training stopped "
+                                    f"and {where}. Try a lower --lr or check the data.")
+            now = time.perf_counter()
+            n = steps_in_window * args.batch_size
+            record = {"step": done, "epoch": round(done * args.batch_size / len(examples), 3), "lr": lr}
+            record.update({k: v / n for k, v in zip(keys, values)})         # means per pair
+            record["grad_norm"] = float(grad_norm_sum) / steps_in_window  # before clipping
+            record["tokens_per_s"] = tokens_in_window / max(now - window_start, 1e-9)
+            record["elapsed_s"] = round(elapsed + now - run_start, 2)
+            last_record = record
+            if d.main:
+                append_metrics(metrics_path, record)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy", "margin") if k in record})
+            example_sums, grad_norm_sum, steps_in_window, tokens_in_window = {}, 0.0, 0, 0
+            window_start = now
+        bar.update(1)
+        if done % args.save_every == 0 and done < total:
+            if d.main:
+                save_checkpoint(ckpt_dir, model, optimizer, {
+                    "step": done, "elapsed_s": elapsed + time.perf_counter() - run_start, "fingerprint": fingerprint})
+            if d.world > 1:
+                dist.barrier()
+            window_start = time.perf_counter()          # throughput counts training only
+        if args.eval_every and done % args.eval_every == 0 and done < total:
+            log_eval(done)
+            window_start = time.perf_counter()
+        if args.kill_at_step is not None and done == args.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)         # testing aid: die the way a crash does
+    bar.close()
+    model.eval()
+    last_record["heldout"] = log_eval(total)
+    last_record["elapsed_s"] = round(elapsed + time.perf_counter() - run_start, 2)
+    return last_record
+
+
+def publish(out_dir, write_model, keep=("metrics.jsonl",)):
+    """Make `out_dir` the finished stage output: write_model(folder) writes the
+    model into a fresh folder, the files in `keep` are copied over from the
+    work folder, and the new folder replaces the old one (which held the
+    checkpoint: a finished run no longer needs it)."""
+    final = out_dir.rstrip("/") + ".final"
+    shutil.rmtree(final, ignore_errors=True)
+    write_model(final)
+    for name in keep:
+        if os.path.exists(os.path.join(out_dir, name)):
+            shutil.copy(os.path.join(out_dir, name), os.path.join(final, name))
+    replace_folder(final, out_dir)
+
+
+def peak_rss_gb():
+    """The most memory this process has held (resident set), in GB."""
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1e6 if sys.platform != "darwin" else kb / 1e9
