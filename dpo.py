@@ -64,7 +64,6 @@ Run it:
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -102,24 +101,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, lab
 
 
 # ----------------------------------------------------------------------------
-# Data: pairs -> token ids and answer masks
+# Log-probabilities of the answers, and the reference pass
 # ----------------------------------------------------------------------------
-
-def make_examples(pairs, tok, max_length):
-    """Tokenise each pair with the plain default system prompt. Returns the
-    examples (dicts) and the number of pairs skipped (prompt too long)."""
-    examples, skipped = [], 0
-    for pair in pairs:
-        prompt = T.without_system(pair["prompt"])       # no traits: the template's default system message
-        chosen = T.tokenize_answer(tok, prompt, pair["chosen"], max_length)
-        rejected = T.tokenize_answer(tok, prompt, pair["rejected"], max_length)
-        if chosen is None or rejected is None:
-            skipped += 1
-            continue
-        examples.append({"id": pair["id"], "chosen": chosen, "rejected": rejected,
-                         "length": len(chosen[0]) + len(rejected[0])})
-    return examples, skipped
-
 
 def answer_logprobs(model, batch, device):
     """Summed log-probabilities of the chosen and rejected answers of a batch
@@ -136,8 +119,9 @@ def data_fingerprint(examples, model_path, max_length):
     """What the reference log-probabilities depend on: the model and the tokens."""
     h = hashlib.sha256()
     path = model_path or M.default_model_path()
-    stat = os.stat(path if os.path.isfile(path) else os.path.join(path, "model.safetensors"))
-    h.update(json.dumps([os.path.abspath(path), stat.st_size, int(stat.st_mtime), max_length]).encode())
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
+    h.update(json.dumps([os.path.abspath(path), max_length] +
+                        [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]).encode())
     for e in examples:
         h.update(json.dumps([e["id"], e["chosen"][0], e["rejected"][0]]).encode())
     return h.hexdigest()
@@ -231,27 +215,26 @@ def make_evaluate(args, examples, device):
 # ----------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Stage 5: DPO fine-tuning on the ranked preference pairs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preferences", default="data/preferences.jsonl", help="input: preference pairs from rank.py")
+    p = argparse.ArgumentParser(prog=PROG, description="Stage 5: DPO fine-tuning on the ranked preference pairs.")
+    p.add_argument("--preferences", default="data/preferences.jsonl", help="input: preference pairs from rank.py (default: %(default)s)")
     p.add_argument("--traits", default="traits.txt",
-                   help="the traits file the pairs must come from ('' = do not check)")
-    p.add_argument("--out", default="out/dpo", help="output folder (Hugging Face format)")
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the KL penalty: larger stays closer to the start")
-    p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO (squared)")
+                   help="the traits file the pairs must come from ('' = do not check) (default: %(default)s)")
+    p.add_argument("--out", default="out/dpo", help="output folder (Hugging Face format) (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the KL penalty: larger stays closer to the start (default: %(default)s)")
+    p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO (squared) (default: %(default)s)")
     p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="conservative DPO: assumed probability that a label is wrong (sigmoid loss only)")
+                   help="conservative DPO: assumed probability that a label is wrong (sigmoid loss only) (default: %(default)s)")
     p.add_argument("--nll-weight", type=float, default=0.0,
-                   help="weight of an NLL term on the chosen answers (per token); 0 = off")
+                   help="weight of an NLL term on the chosen answers (per token); 0 = off (default: %(default)s)")
     p.add_argument("--heldout-fraction", type=float, default=0.1,
-                   help="share of messages (never of pairs) held out to measure the loss and accuracy on")
-    p.add_argument("--ref-batch", type=int, default=8, help="pairs per forward pass when computing the reference log-probs")
+                   help="share of messages (never of pairs) held out to measure the loss and accuracy on (default: %(default)s)")
+    p.add_argument("--ref-batch", type=int, default=8, help="pairs per forward pass when computing the reference log-probs (default: %(default)s)")
     p.add_argument("--export-gguf", action="store_true", help="also write <out>/model.gguf for llama.cpp-based tools")
-    p.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (f32 is exact)")
+    p.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (f32 is exact) (default: %(default)s)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())})")
     M.add_model_args(p)
-    T.add_train_args(p, lr=1e-5, batch_size=4, micro_batch=2, epochs=2.0, train_layers=6)
+    T.add_train_args(p, lr=3e-5, batch_size=4, micro_batch=2, epochs=2.0, train_layers=6)
     return p
 
 
@@ -281,8 +264,8 @@ def run(args):
     train_pairs, held_pairs = T.split_by_query(pairs, args.heldout_fraction, args.seed)
     model = M.load_model(args.model, d.device, torch.float32)
     tok = model.tokenizer
-    train_examples, skipped = make_examples(train_pairs, tok, args.max_length)
-    held_examples, held_skipped = make_examples(held_pairs, tok, args.max_length)
+    train_examples, skipped = T.tokenize_pairs(train_pairs, tok, args.max_length)
+    held_examples, held_skipped = T.tokenize_pairs(held_pairs, tok, args.max_length)
     if not train_examples:
         raise T.DataError(f"{args.preferences}: no pair fits in --max-length {args.max_length}")
     if d.main:
@@ -295,9 +278,9 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     everything = train_examples + held_examples
     t0 = time.time()
+    data_hash = data_fingerprint(everything, args.model, args.max_length)
     computed = reference_logprobs(model, everything, d, dtype, args.ref_batch,
-                                  os.path.join(args.out, "reference_logprobs.json"),
-                                  data_fingerprint(everything, args.model, args.max_length))
+                                  os.path.join(args.out, "reference_logprobs.json"), data_hash)
     ref_seconds = time.time() - t0
     if d.main:
         print(f"{PROG}: reference log-probabilities {'computed' if computed else 'read from the cache'} "
@@ -313,7 +296,7 @@ def run(args):
         "preferences", "max_pairs", "model", "beta", "loss_type", "label_smoothing", "nll_weight", "heldout_fraction", "epochs",
         "max_steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "batch_size", "grad_clip", "train_layers",
         "train_embeddings", "max_length", "seed")}
-    fingerprint["data"] = data_fingerprint(everything, args.model, args.max_length)
+    fingerprint["data"] = data_hash
     last = T.train(model, train_examples, [e["length"] for e in train_examples], make_loss_fn(args, d.device),
                    args, d, args.out, dtype, fingerprint, evaluate=make_evaluate(args, held_examples, d.device) if held_examples else None)
 

@@ -310,12 +310,14 @@ def build_queries(traits, lists, args, sha):
     """Turn the list continuations into the final message records (deterministic)."""
     queries, report = [], {}
     for t in traits:
-        candidates = []
+        per_sample = []
         for item in sorted((x for x in lists if x["trait_id"] == t["id"]), key=lambda x: x["sample"]):
             items = split_numbered_list(item["continuation"], len(t["seeds"]) + 1)
-            for j, raw in enumerate(items):
-                # The last item of a continuation that ran out of tokens may be cut mid-sentence.
-                candidates.append((raw, item["hit_limit"] and j == len(items) - 1))
+            # The last item of a continuation that ran out of tokens may be cut mid-sentence.
+            per_sample.append([(raw, item["hit_limit"] and j == len(items) - 1) for j, raw in enumerate(items)])
+        # Take the samples' items in turn (1st of each, then 2nd of each, ...): the first
+        # lines of a continuation stay closest to the seeds, and each sample saw another seed order.
+        candidates = [s[j] for j in range(max(map(len, per_sample), default=0)) for s in per_sample if j < len(s)]
         new, counts = select_messages(candidates, t["seeds"], args.new_per_trait,
                                       args.max_message_chars, args.max_similarity)
         seeds = t["seeds"][:args.max_seeds] if args.max_seeds is not None else t["seeds"]

@@ -104,21 +104,6 @@ def pair_rewards(model, batch, device):
 # Data and loss
 # ----------------------------------------------------------------------------
 
-def make_examples(pairs, tok, max_length):
-    examples, skipped = [], 0
-    for pair in pairs:
-        prompt = T.without_system(pair["prompt"])
-        chosen = T.tokenize_answer(tok, prompt, pair["chosen"], max_length)
-        rejected = T.tokenize_answer(tok, prompt, pair["rejected"], max_length)
-        if chosen is None or rejected is None:
-            skipped += 1
-            continue
-        examples.append({"id": pair["id"], "chosen": chosen, "rejected": rejected,
-                         "judge_margin": float(pair.get("margin") or 0.0),
-                         "length": len(chosen[0]) + len(rejected[0])})
-    return examples, skipped
-
-
 def bradley_terry_loss(r_chosen, r_rejected, margin=None):
     """-log sigmoid(r_w - r_l - m), per pair."""
     diff = r_chosen - r_rejected
@@ -217,16 +202,15 @@ def score(reward_model, prompts, answers, batch_size=8):
 # ----------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Stage 4: a Bradley-Terry reward model on the preference pairs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preferences", default="data/preferences.jsonl", help="input: preference pairs from rank.py")
-    p.add_argument("--traits", default="traits.txt", help="the traits file the pairs must come from ('' = do not check)")
-    p.add_argument("--out", default="out/reward_model", help="output folder")
-    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of messages (never of pairs) held out")
+    p = argparse.ArgumentParser(prog=PROG, description="Stage 4: a Bradley-Terry reward model on the preference pairs.")
+    p.add_argument("--preferences", default="data/preferences.jsonl", help="input: preference pairs from rank.py (default: %(default)s)")
+    p.add_argument("--traits", default="traits.txt", help="the traits file the pairs must come from ('' = do not check) (default: %(default)s)")
+    p.add_argument("--out", default="out/reward_model", help="output folder (default: %(default)s)")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of messages (never of pairs) held out (default: %(default)s)")
     p.add_argument("--margin-weight", type=float, default=0.0,
-                   help="require r_w - r_l > weight * the judge's margin (0 = plain Bradley-Terry)")
+                   help="require r_w - r_l > weight * the judge's margin (0 = plain Bradley-Terry) (default: %(default)s)")
     p.add_argument("--head-lr-scale", type=float, default=100.0,
-                   help="the head's learning rate / --lr (it starts from zero, the network does not)")
+                   help="the head's learning rate / --lr (it starts from zero, the network does not) (default: %(default)s)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())})")
     M.add_model_args(p)
@@ -258,8 +242,8 @@ def run(args):
         raise T.DataError(f"{args.preferences}: pairs of only one message; need at least two messages for a held-out split")
     model = M.load_model(args.model, d.device, torch.float32)
     tok = model.tokenizer
-    train_examples, skipped = make_examples(train_pairs, tok, args.max_length)
-    held_examples, held_skipped = make_examples(held_pairs, tok, args.max_length)
+    train_examples, skipped = T.tokenize_pairs(train_pairs, tok, args.max_length)
+    held_examples, held_skipped = T.tokenize_pairs(held_pairs, tok, args.max_length)
     if not train_examples or not held_examples:
         raise T.DataError(f"{args.preferences}: too few pairs fit in --max-length {args.max_length}")
     k = T.freeze_for_training(model, args.train_layers, args.train_embeddings)

@@ -162,14 +162,35 @@ def tokenize_answer(tok, prompt, answer, max_length):
     and end-of-turn). If too long, the answer is cut (never the prompt); None
     if the prompt alone leaves fewer than 8 answer tokens."""
     ids, mask = tok.chat(list(prompt) + list(answer))
+    # Only the final answer counts: earlier assistant turns of a multi-turn prompt are prompt.
+    prompt_len = len(tok.chat(list(prompt), add_generation_prompt=True)[0])
+    mask = [m and i >= prompt_len for i, m in enumerate(mask)]
     last = max(i for i, m in enumerate(mask) if m)
     ids, mask = ids[:last + 1], mask[:last + 1]
-    prompt_len = mask.index(True)
     if len(ids) > max_length:
         if max_length - prompt_len < 8:
             return None
         ids, mask = ids[:max_length], mask[:max_length]
     return ids, mask
+
+
+def tokenize_pairs(pairs, tok, max_length):
+    """Each pair as token ids and answer masks of its chosen and rejected
+    conversations, with the plain default system prompt (the traits are never
+    in the prompt: the character is trained in, not prompted in). Returns the
+    examples (dicts) and the number of pairs skipped (prompt too long)."""
+    examples, skipped = [], 0
+    for pair in pairs:
+        prompt = without_system(pair["prompt"])
+        chosen = tokenize_answer(tok, prompt, pair["chosen"], max_length)
+        rejected = tokenize_answer(tok, prompt, pair["rejected"], max_length)
+        if chosen is None or rejected is None:
+            skipped += 1
+            continue
+        examples.append({"id": pair["id"], "chosen": chosen, "rejected": rejected,
+                         "judge_margin": float(pair.get("margin") or 0.0),
+                         "length": len(chosen[0]) + len(rejected[0])})
+    return examples, skipped
 
 
 # ----------------------------------------------------------------------------
@@ -434,26 +455,26 @@ def append_metrics(path, record):
 def add_train_args(parser, lr, batch_size, micro_batch, epochs, train_layers):
     """The training flags both stages share (each stage picks its defaults)."""
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training pairs (default: {epochs})")
+    g.add_argument("--epochs", type=float, default=epochs, help="passes over the training pairs (default: %(default)s)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: from --epochs)")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
-    g.add_argument("--warmup", type=float, default=0.1, help="warmup steps as a fraction of all steps (default: 0.1)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak, cosine decay (default: 0.1)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup steps as a fraction of all steps (default: %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak, cosine decay (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"global batch in pairs per optimizer step, over all processes (default: {batch_size})")
+                   help="global batch in pairs per optimizer step, over all processes (default: %(default)s)")
     g.add_argument("--micro-batch", type=int, default=micro_batch,
-                   help=f"pairs per forward pass in each process; gradients accumulate up to --batch-size (default: {micro_batch})")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: 1.0; 0 = off)")
+                   help="pairs per forward pass in each process; gradients accumulate up to --batch-size (default: %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: %(default)s)")
     g.add_argument("--train-layers", type=int, default=train_layers,
-                   help=f"train the top N blocks and freeze the rest; 0 = all (full fine-tuning) (default: {train_layers})")
+                   help="train the top N blocks and freeze the rest; 0 = all (full fine-tuning) (default: %(default)s)")
     g.add_argument("--train-embeddings", action="store_true", help="train the token embedding (tied output layer) too")
-    g.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs of the file (quick runs)")
-    g.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer; longer answers are cut (default: 384)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data order, split and initialisation (default: 0)")
-    g.add_argument("--log-every", type=int, default=1, help="steps between metric lines; each one reads the device (default: 1)")
-    g.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (default: 25)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0 = at start and end only (default: 0)")
+    g.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs of the file (quick runs; default: all)")
+    g.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer; longer answers are cut (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, split and initialisation (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=1, help="steps between metric lines; each one reads the device (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0 = only at the end (default: %(default)s)")
     g.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
     g.add_argument("--compile", action="store_true", help="torch.compile each block (slow first steps, faster after)")
     g.add_argument("--kill-at-step", type=int, default=None,
@@ -517,10 +538,11 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
     def log_eval(step):
         result = None
         if evaluate is not None and d.main:
+            was_training = model.training
             model.eval()
             with torch.no_grad(), autocast(d.device, compute_dtype):
                 result = evaluate(model)
-            model.train()
+            model.train(was_training)
             append_metrics(metrics_path, {"step": step, "heldout": result})
             tqdm.write("held-out at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in result.items())))
         if d.world > 1:

@@ -134,7 +134,7 @@ def worker_ours(cfg):
     model = M.load_model(cfg["model"], "cpu", torch.float32)
     dtype = M.pick_dtype("cpu", cfg["dtype"])
     pairs = load_pairs(cfg["preferences"], cfg["pairs"])
-    examples, _ = dpo.make_examples(pairs, model.tokenizer, cfg["max_length"])
+    examples, _ = T.tokenize_pairs(pairs, model.tokenizer, cfg["max_length"])
     flags = ["--batch-size", str(cfg["batch"]), "--micro-batch", str(cfg["micro"]), "--max-steps", str(cfg["steps"]),
              "--lr", str(cfg["lr"]), "--beta", str(cfg["beta"]), "--max-length", str(cfg["max_length"]),
              "--save-every", "100000", "--warmup", "0"]

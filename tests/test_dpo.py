@@ -37,7 +37,7 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference():
 
 def examples_for(tokenizer, tmp_path, n=3, max_length=384):
     pairs = T.read_preferences(write_pairs(tmp_path / "p.jsonl", n_messages=n, pairs_per_message=1))
-    examples, skipped = dpo.make_examples(pairs, tokenizer, max_length)
+    examples, skipped = T.tokenize_pairs(pairs, tokenizer, max_length)
     assert skipped == 0
     return pairs, examples
 
@@ -60,6 +60,14 @@ def test_prompt_tokens_are_masked_out_and_only_answer_tokens_are_scored(tiny_mod
     assert n_chosen.item() == len(ids) - len(prompt_ids)
 
 
+def test_earlier_assistant_turns_of_a_multi_turn_prompt_are_not_scored(tokenizer):
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "And now?"}]
+    ids, mask = T.tokenize_answer(tokenizer, prompt, [{"role": "assistant", "content": "Now this."}], 384)
+    scored = [t for t, m in zip(ids, mask) if m]
+    assert tokenizer.decode(scored) == "Now this." and scored[-1] == tokenizer.end_id
+
+
 def test_padding_does_not_change_log_probabilities(tiny_model, tokenizer, tmp_path):
     _, examples = examples_for(tokenizer, tmp_path, n=4)
     long = dict(examples[0], chosen=(examples[0]["chosen"][0] * 3, [False] * len(examples[0]["chosen"][0]) * 2 + examples[0]["chosen"][1]))
@@ -75,7 +83,7 @@ def test_prompts_get_the_plain_default_system_prompt_never_the_traits(tokenizer,
     pairs = T.read_preferences(write_pairs(tmp_path / "p.jsonl", 1, 1, extra={
         "prompt": [{"role": "system", "content": "You are a pirate. Traits: ..."},
                    {"role": "user", "content": "Hello?"}]}))
-    examples, _ = dpo.make_examples(pairs, tokenizer, 384)
+    examples, _ = T.tokenize_pairs(pairs, tokenizer, 384)
     text = tokenizer.tok.decode(examples[0]["chosen"][0], skip_special_tokens=False)
     assert text.startswith(f"<|im_start|>system\n{tokenizer.default_system}<|im_end|>\n<|im_start|>user\nHello?")
     assert "pirate" not in text
@@ -85,10 +93,10 @@ def test_long_answers_are_cut_and_prompts_never(tokenizer, tmp_path):
     pairs = T.read_preferences(write_pairs(tmp_path / "p.jsonl", 1, 1))
     prompt_ids = tokenizer.chat(pairs[0]["prompt"], add_generation_prompt=True)[0]
     limit = len(prompt_ids) + 10
-    (example,), skipped = dpo.make_examples(pairs, tokenizer, limit)
+    (example,), skipped = T.tokenize_pairs(pairs, tokenizer, limit)
     ids, mask = example["chosen"]
     assert skipped == 0 and len(ids) == limit and ids[:len(prompt_ids)] == prompt_ids and sum(mask) == 10
-    assert dpo.make_examples(pairs, tokenizer, len(prompt_ids) + 4)[1] == 1        # no room for an answer: skipped
+    assert T.tokenize_pairs(pairs, tokenizer, len(prompt_ids) + 4)[1] == 1        # no room for an answer: skipped
 
 
 def test_step0_loss_is_ln2_with_cached_reference(tiny_model, tokenizer, tmp_path):

@@ -220,6 +220,22 @@ def test_filters_drop_duplicates_empty_overlong_offformat_cut_and_surplus():
     assert sum(counts.values()) == len(candidates)
 
 
+def test_build_queries_keeps_seeds_takes_samples_in_turn_and_drops_cut_lines(tmp_path):
+    """Seeds come first and are kept; new messages are taken from the sampled lists in turn
+    (1st of each sample, then 2nd, ...); the last line of a list that hit the token limit is dropped."""
+    traits = G.parse_traits(write_traits(str(tmp_path)))
+    lists = [{"trait_id": 1, "sample": 1, "continuation": " Where is the treasure buried?\n5. Do you own a parrot?", "hit_limit": False},
+             {"trait_id": 1, "sample": 0, "continuation": " Can you sing a sea shanty?\n5. What is the best ship to", "hit_limit": True},
+             {"trait_id": 2, "sample": 0, "continuation": " not a numbered list", "hit_limit": False}]
+    args = G.parse_args(["--new-per-trait", "2", "--eval-fraction", "0"])
+    queries, report = G.build_queries(traits, lists, args, "sha")
+    t1 = [(q["text"], q["source"]) for q in queries if q["trait_id"] == 1]
+    assert t1 == [(s, "seed") for s in traits[0]["seeds"]] + [
+        ("Can you sing a sea shanty?", "generated"), ("Where is the treasure buried?", "generated")]
+    assert report[1]["cut off"] == 1 and report[1]["surplus"] == 1
+    assert [q["source"] for q in queries if q["trait_id"] == 2] == ["seed"] * 3 and report[2]["off-format"] == 1
+
+
 def test_eval_split_is_a_fixed_fraction_never_all():
     """round(fraction * n) messages per trait are held out, at least 1 from 2 messages on, never all."""
     import random

@@ -2,7 +2,6 @@
 checks, exact resume after a kill, DDP with two processes, NaN handling.
 The stage scripts run on the tiny random model (fixture `tiny_model_dir`)."""
 import json
-import math
 import os
 import subprocess
 import sys
