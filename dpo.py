@@ -77,7 +77,7 @@ import train_loop as T
 PROG = "dpo.py"
 
 # --smoke: the smallest run that still goes through every step (CI, a first try).
-SMOKE = dict(max_pairs=8, max_steps=2, batch_size=2, micro_batch=2, max_length=128, train_layers=2, heldout_fraction=0.0)
+SMOKE = dict(max_pairs=6, max_steps=2, batch_size=2, micro_batch=2, max_length=128, train_layers=2, heldout_fraction=0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ import train_loop as T
 
 PROG = "reward_model.py"
 
-SMOKE = dict(max_pairs=8, max_steps=2, batch_size=2, micro_batch=2, max_length=128, train_layers=2)
+SMOKE = dict(max_pairs=6, max_steps=2, batch_size=2, micro_batch=2, max_length=128, train_layers=2)
 
 
 # ----------------------------------------------------------------------------
