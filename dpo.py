@@ -110,7 +110,7 @@ def answer_logprobs(model, batch, device):
     n = len(batch)
     sequences = [e["chosen"][0] for e in batch] + [e["rejected"][0] for e in batch]
     masks = [e["chosen"][1] for e in batch] + [e["rejected"][1] for e in batch]
-    ids, score = M.right_pad(sequences, masks, model.tokenizer.pad_id, device)
+    ids, score = T.to_device(device, *M.right_pad(sequences, masks, model.tokenizer.pad_id, "cpu"))
     logp, count = M.token_logprobs(model, ids, score)
     return logp[:n], logp[n:], count[:n].float(), count[n:].float()
 
@@ -165,7 +165,7 @@ def make_loss_fn(args, device):
     metrics (sums too; the loop averages them per pair)."""
     def loss_fn(model, batch):
         policy_chosen, policy_rejected, n_chosen, n_rejected = answer_logprobs(model, batch, device)
-        ref = torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in batch], device=device)
+        ref, = T.to_device(device, torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in batch]))
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         if args.loss_type == "ipo":   # IPO compares per-token means
             losses, _, _ = dpo_loss(policy_chosen / n_chosen, policy_rejected / n_rejected,

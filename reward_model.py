@@ -95,7 +95,7 @@ def pair_rewards(model, batch, device):
     n = len(batch)
     sequences = [e["chosen"][0] for e in batch] + [e["rejected"][0] for e in batch]
     masks = [e["chosen"][1] for e in batch] + [e["rejected"][1] for e in batch]
-    ids, mask = M.right_pad(sequences, masks, model.tokenizer.pad_id, device)
+    ids, mask = T.to_device(device, *M.right_pad(sequences, masks, model.tokenizer.pad_id, "cpu"))
     r = rewards(model, ids, mask)
     return r[:n], r[n:]
 
@@ -115,7 +115,7 @@ def make_loss_fn(args, device):
         r_chosen, r_rejected = pair_rewards(model, batch, device)
         margin = None
         if args.margin_weight:
-            margin = args.margin_weight * torch.tensor([e["judge_margin"] for e in batch], device=device)
+            margin = args.margin_weight * T.to_device(device, torch.tensor([e["judge_margin"] for e in batch]))[0]
         losses = bradley_terry_loss(r_chosen, r_rejected, margin)
         diff = (r_chosen - r_rejected).detach()
         return losses.sum(), {"accuracy": (diff > 0).float().sum(), "margin": diff.sum(),

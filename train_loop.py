@@ -252,6 +252,16 @@ def data_parallel(model, loss_fn, d):
     return ddp, ddp.no_sync
 
 
+def to_device(device, *tensors):
+    """Move a batch built on the CPU to the device without waiting for it: a
+    plain .to("cuda") of CPU memory makes the CPU wait until the GPU has
+    finished all queued work; from pinned (page-locked) memory with
+    non_blocking=True the copy is queued like a kernel."""
+    if torch.device(device).type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
 def autocast(device, dtype):
     """bf16 autocast where asked for; fp32 otherwise (weights stay fp32 either way)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
