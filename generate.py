@@ -111,12 +111,12 @@ def build_parser():
                    help="share of each trait's messages held out as the eval split (at least 1 when a trait has 2 or more)")
     # answers
     p.add_argument("--answers", type=int, default=4, help="K answers per message: K-1 with the trait, 1 plain")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="answer sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability")
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="divide the logits of tokens already in the sequence by this (1 = off)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences generated together")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (each unit of work is seeded from it)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); other flags still override")

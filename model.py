@@ -191,8 +191,10 @@ class ChatModel(nn.Module):
     def new_cache(self, batch_size, length):
         cfg, p = self.cfg, self.embed_tokens.weight
         shape = (batch_size, cfg.n_kv_heads, length, cfg.head_dim)
-        return [(torch.empty(shape, dtype=p.dtype, device=p.device),
-                 torch.empty(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
+        # Zeros, not empty: masked-out slots (left padding) are never written, and
+        # uninitialised memory could hold NaN, which a -inf mask does not cancel.
+        return [(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                 torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
 
 
 # ----------------------------------------------------------------------------
@@ -792,12 +794,36 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, rep
     ids, real, positions = left_pad(prompts, tok.pad_id, device)
     T = ids.shape[1]
     cache = model.new_cache(B, T + max_new_tokens)
-    # Mask for the prompt pass: causal, and no attending to padding. A padding
-    # query may attend to itself, so that no softmax row is empty (NaN).
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    mask = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=device))
-    hidden = model(ids, positions, additive_mask(mask[:, None], cache[0][0].dtype), cache, 0)
-    logits = model.logits(hidden[:, -1]).float()
+    # The prompt pass runs once per distinct prompt (the same prompt sampled
+    # several times is computed once), in groups of prompts of similar length:
+    # each group is padded only to its own longest prompt, not the batch's (a
+    # short plain prompt beside a long system prompt would otherwise pay for
+    # the padding). Its keys and values are copied into the big cache, to
+    # every row with that prompt, right-aligned at T.
+    first_of = {}
+    owner = torch.tensor([first_of.setdefault(tuple(p), len(first_of)) for p in prompts], device=device)
+    distinct = list(first_of)
+    last_hidden = torch.empty(B, model.cfg.dim, dtype=cache[0][0].dtype, device=device)
+    by_length = sorted(range(len(distinct)), key=lambda u: len(distinct[u]))
+    for g in range(0, len(distinct), 16):
+        group = by_length[g:g + 16]
+        g_ids, g_real, g_pos = left_pad([list(distinct[u]) for u in group], tok.pad_id, device)
+        Tg = g_ids.shape[1]
+        # Causal, and no attending to padding. A padding query may attend to
+        # itself, so that no softmax row is empty (NaN).
+        causal = torch.ones(Tg, Tg, dtype=torch.bool, device=device).tril()
+        mask = causal & (g_real[:, None, :] | torch.eye(Tg, dtype=torch.bool, device=device))
+        small = model.new_cache(len(group), Tg)
+        hidden = model(g_ids, g_pos, additive_mask(mask[:, None], cache[0][0].dtype), small, 0)
+        local = torch.full((len(distinct),), -1, dtype=torch.long, device=device)
+        local[torch.tensor(group, device=device)] = torch.arange(len(group), device=device)
+        rows = (local[owner] >= 0).nonzero().squeeze(1)          # every batch row whose prompt is in this group
+        src = local[owner[rows]]
+        for (K, V), (k, v) in zip(cache, small):
+            K[rows, :, T - Tg:T] = k[src]
+            V[rows, :, T - Tg:T] = v[src]
+        last_hidden[rows] = hidden[src, -1]
+    logits = model.logits(last_hidden).float()
     # Each new token may attend to every real token so far: one additive mask row per sequence.
     key_mask = additive_mask(torch.cat([real, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1),
                              cache[0][0].dtype)[:, None, None, :]
@@ -876,20 +902,55 @@ def token_logprobs(model, ids, score_mask):
     return total, target_mask.sum(-1)
 
 
+def logprobs_after_prefix(model, prefix, continuations, masks):
+    """Summed log-probability and count of the masked tokens of each
+    continuation, all after one shared prefix (several answers to the same
+    prompt). The prefix runs once; its keys and values are copied to every row
+    of the cache, and the continuations run together after it."""
+    device = model.embed_tokens.weight.device
+    P, L, K = len(prefix), max(len(c) for c in continuations), len(continuations)
+    small = model.new_cache(1, P)
+    last = model(torch.tensor([prefix], device=device), cache=small)[:, -1:]          # predicts each first token
+    cache = model.new_cache(K, P + L)
+    for (Kc, Vc), (k, v) in zip(cache, small):
+        Kc[:, :, :P], Vc[:, :, :P] = k, v
+    ids, score = right_pad(continuations, masks, model.tokenizer.pad_id, device)
+    # Continuation token t sees the whole prefix and continuation tokens 0..t.
+    allowed = torch.arange(P + L, device=device)[None, :] <= P + torch.arange(L, device=device)[:, None]
+    hidden = model(ids, attn_mask=additive_mask(allowed, cache[0][0].dtype)[None, None], cache=cache, start=P)
+    inputs = torch.cat([last.expand(K, 1, -1), hidden[:, :-1]], dim=1)                 # the state before each token
+    logp = torch.log_softmax(model.logits(inputs[score]).float(), dim=-1).gather(-1, ids[score][:, None]).squeeze(-1)
+    row = torch.arange(K, device=device)[:, None].expand_as(score)[score]
+    return torch.zeros(K, device=device).index_add(0, row, logp), score.sum(-1)
+
+
 @torch.inference_mode()
 def answer_logprobs(model, sequences, masks, batch_size=8, dtype=None):
     """Summed and mean log-probability of the masked (answer) tokens of each
-    sequence, e.g. from `Tokenizer.chat`. Sequences are sorted by length and
-    batched, so little compute goes to padding. Returns two float lists."""
+    sequence, e.g. from `Tokenizer.chat`. Returns two float lists.
+
+    Sequences that agree on everything before their first scored token (several
+    answers to one prompt) share one pass over that prompt, which is often most
+    of the tokens (`logprobs_after_prefix`). The others are sorted by length
+    and batched, so little compute goes to padding."""
     device = model.embed_tokens.weight.device
     dtype = dtype or model.embed_tokens.weight.dtype
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     sums, means = [0.0] * len(sequences), [0.0] * len(sequences)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        ids, score = right_pad([sequences[i] for i in idx], [masks[i] for i in idx], model.tokenizer.pad_id, device)
+    by_prompt = {}
+    for i, m in enumerate(masks):
+        first = next((t for t, x in enumerate(m) if x), len(m))
+        by_prompt.setdefault(tuple(sequences[i][:first]), []).append(i)
+    alone = sorted((i for p, g in by_prompt.items() if len(g) == 1 or not p for i in g), key=lambda i: len(sequences[i]))
+    work = [(None, alone[b:b + batch_size]) for b in range(0, len(alone), batch_size)]
+    work += [(p, g[b:b + batch_size]) for p, g in by_prompt.items() if len(g) > 1 and p for b in range(0, len(g), batch_size)]
+    for prefix, idx in work:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != model.embed_tokens.weight.dtype):
-            total, count = token_logprobs(model, ids, score)
+            if prefix is None:
+                ids, score = right_pad([sequences[i] for i in idx], [masks[i] for i in idx], model.tokenizer.pad_id, device)
+                total, count = token_logprobs(model, ids, score)
+            else:
+                P = len(prefix)
+                total, count = logprobs_after_prefix(model, list(prefix), [sequences[i][P:] for i in idx], [masks[i][P:] for i in idx])
         for j, i in enumerate(idx):
             sums[i] = float(total[j])
             means[i] = float(total[j]) / max(int(count[j]), 1)

@@ -100,6 +100,17 @@ def test_a_batch_of_mixed_lengths_gives_each_prompt_its_own_greedy_answer(tiny_m
     assert len({len(p) for p in prompts}) == len(prompts)     # the lengths really differ
 
 
+def test_a_batch_larger_than_one_prompt_group_in_shuffled_length_order_matches_each_alone(tiny_model, tokenizer):
+    # generate() runs the prompt pass in groups of 16 prompts sorted by length:
+    # 22 prompts of shuffled lengths cross a group boundary and get reordered.
+    # Two prompts repeat: their prompt pass runs once and is copied to both rows.
+    texts = ["word " * n for n in (7, 1, 19, 3, 12, 0, 15, 5, 9, 2, 17, 4, 11, 6, 14, 8, 1, 13, 10, 16, 7, 18)]
+    prompts = [tokenizer.prompt(t + "?") for t in texts]
+    batched = M.generate(tiny_model, prompts, max_new_tokens=6, temperature=0, stop_ids=[])
+    alone = [M.generate(tiny_model, [p], max_new_tokens=6, temperature=0, stop_ids=[])[0] for p in prompts]
+    assert batched == alone
+
+
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_model, tokenizer):
     prompts = [tokenizer.prompt(t) for t in ["Hi", "Tell me a long story about the sea and its fish.", "2+2?"]]
     free = M.generate(tiny_model, prompts[:1], max_new_tokens=30, temperature=0, stop_ids=[])[0]
@@ -171,7 +182,19 @@ def test_answer_logprobs_equal_a_direct_computation_and_ignore_padding(tiny_mode
         assert m == pytest.approx(direct / sum(mask), abs=1e-5)
 
 
-# ---- loading and saving ---------------------------------------------------------------
+def test_answers_sharing_a_prompt_score_as_if_each_ran_alone(tiny_model, tokenizer):
+    # Three answers to one prompt share one pass over it (split over two chunks
+    # by batch_size=2), beside a prompt with a single answer.
+    def chat(q, a):
+        return tokenizer.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    pairs = [("Tell me about cats.", "Cats purr."), ("Tell me about cats.", "They are small, soft and proud animals."),
+             ("Hi", "Hello."), ("Tell me about cats.", "No.")]
+    seqs, masks = zip(*[chat(q, a) for q, a in pairs])
+    sums, means = M.answer_logprobs(tiny_model, list(seqs), list(masks), batch_size=2)
+    for seq, mask, s, m in zip(seqs, masks, sums, means):
+        alone_sum, alone_mean = M.answer_logprobs(tiny_model, [seq], [mask])
+        assert s == pytest.approx(alone_sum[0], abs=1e-4) and m == pytest.approx(alone_mean[0], abs=1e-5)
+    assert len({tuple(s[:list(m).index(1)]) for s, m in zip(seqs, masks)}) == 2      # really one shared prompt
 
 def test_save_then_load_round_trips_bit_for_bit(tmp_path, tokenizer):
     for bias in (False, True):      # llama, and Qwen2-style q/k/v biases
