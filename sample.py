@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="folder for samples.jsonl, eval.json, report.md")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one independent sampling of every answer per seed (at least 3, for a spread)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--batch-size", type=int, default=96, help="answers generated at once")
