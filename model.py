@@ -805,8 +805,12 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, rep
     distinct = list(first_of)
     last_hidden = torch.empty(B, model.cfg.dim, dtype=cache[0][0].dtype, device=device)
     by_length = sorted(range(len(distinct)), key=lambda u: len(distinct[u]))
-    for g in range(0, len(distinct), 16):
-        group = by_length[g:g + 16]
+    groups = [[]]           # at most 16 prompts, the longest at most 1.25x the shortest (plus 8 tokens)
+    for u in by_length:
+        if groups[-1] and (len(groups[-1]) == 16 or len(distinct[u]) > 1.25 * len(distinct[groups[-1][0]]) + 8):
+            groups.append([])
+        groups[-1].append(u)
+    for group in groups:
         g_ids, g_real, g_pos = left_pad([list(distinct[u]) for u in group], tok.pad_id, device)
         Tg = g_ids.shape[1]
         # Causal, and no attending to padding. A padding query may attend to
