@@ -263,3 +263,25 @@ def test_bf16_weights_give_nearly_the_same_next_token_distribution(tiny_model_di
         p = torch.softmax(fp32.logits(fp32(ids))[0, -1], -1)
         q = torch.softmax(bf16.logits(bf16(ids))[0, -1].float(), -1)
     assert 0.5 * (p - q).abs().sum() < 0.1          # total variation distance
+
+
+def test_stacked_projections_split_back_to_the_files_layout_exactly(tokenizer):
+    model = make_tiny(tokenizer, qkv_bias=True)
+    files = M.split_projections(model.state_dict(), model.cfg)
+    assert {"layers.0.self_attn.q_proj.bias", "layers.1.mlp.up_proj.weight"} <= set(files)
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in files)
+    assert files["layers.0.self_attn.k_proj.weight"].shape == (2 * 16, 64)   # 2 key/value heads of 16
+    again = M.fuse_projections(files)
+    assert again.keys() == model.state_dict().keys()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 65])
+def test_the_fast_bf16_product_equals_nn_linear(rows):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 1, 96), torch.randn(80, 96) / 10, torch.randn(80)
+    expected = torch.nn.functional.linear(x, w, b)                   # fp32 reference
+    got = M.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16 and got.is_contiguous()
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(M.linear(x, w, b), expected)           # fp32: nn.Linear's own path
