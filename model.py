@@ -88,11 +88,13 @@ def linear(x, weight, bias=None):
     in bf16 with a few rows (a decoding step: one row per sequence), the same
     product taken as (W x^T)^T runs 1.3-1.8x faster on this project's machine
     (oneDNN streams W as the left operand instead of repacking it for every
-    call; `bench/generate_speed.py`). In fp32 it does not pay, so it is not used."""
+    call; `bench/generate_speed.py`). In fp32 it does not pay, so it is not used.
+    The result is then a transposed view; a caller that reads it many times
+    (attention, sampling) makes it contiguous, the others need not pay for a copy."""
     rows = x.numel() // x.shape[-1]
     if rows <= 64 and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
         x2 = x.reshape(rows, -1)
-        y = torch.mv(weight, x2[0])[None] if rows == 1 else (weight @ x2.t()).t().contiguous()
+        y = torch.mv(weight, x2[0])[None] if rows == 1 else (weight @ x2.t()).t()
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
@@ -134,7 +136,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask, cache, start):
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)   # (B, heads, T, 64)
+        qkv = self.qkv_proj(x).contiguous().view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # (B, heads, T, 64)
         qk = apply_rope(qkv[:, :H + KV], cos, sin)              # rotate the query and key heads together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         if cache is not None:
@@ -213,7 +215,7 @@ class ChatModel(nn.Module):
 
     def logits(self, hidden):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        return linear(hidden, weight).contiguous()
 
     def new_cache(self, batch_size, length):
         cfg, p = self.cfg, self.embed_tokens.weight
