@@ -61,7 +61,7 @@ Several processes: `torchrun --nproc_per_node=N generate.py ...` gives unit i
 to process i % N; each writes its own partial file; process 0 merges.
 
 Run it:
-    python generate.py                    # the default character, ~5 minutes on 2 CPU cores
+    python generate.py                    # the default character, ~1 minute on 2 CPU cores with AMX
     python generate.py --smoke            # 2 traits, 3 messages each, short answers (CI)
     python generate.py --traits personas/pirate.txt --new-per-trait 4   # an exercise character
 """
@@ -100,7 +100,7 @@ def build_parser():
     p.add_argument("--max-traits", type=int, default=None, help="use only the first N traits (None: all)")
     p.add_argument("--max-seeds", type=int, default=None,
                    help="keep at most N seed messages per trait as messages (all seeds still prime the list; None: all)")
-    p.add_argument("--new-per-trait", type=int, default=2, help="new messages the model writes per trait")
+    p.add_argument("--new-per-trait", type=int, default=8, help="new messages the model writes per trait")
     p.add_argument("--list-samples", type=int, default=2,
                    help="sampled continuations of each trait's list (more gives more candidates to filter)")
     p.add_argument("--list-tokens", type=int, default=96, help="new tokens per list continuation")

@@ -19,7 +19,8 @@ prompts, each sampled with several seeds:
     tuned / prompted   the model after DPO, traits in the system prompt
 
 and a robustness set: the held-out messages followed by an instruction to drop
-any persona (several wordings), for base/prompted and tuned/plain.
+any persona (several wordings), for base/prompted and tuned/plain, and for
+base/plain as the control (the instruction itself changes the answers).
 
 Measurements of an answer y to a message x:
 
@@ -39,8 +40,15 @@ that training keeps without any prompt is
 
     kept = (tuned/plain - base/plain) / (base/prompted - base/plain)
 
-for the reward and the contrast score; under drop-your-persona instructions
-the same ratio is computed for both the prompted base model and the tuned one.
+for the reward and the contrast score. Under drop-your-persona instructions
+(+drop) the baseline is base/plain+drop, the base model given the same
+instruction, and each model's gain is set against its own gain without it:
+
+    kept under drop, prompted base = (base/prompted+drop - base/plain+drop) / (base/prompted - base/plain)
+    kept under drop, tuned         = (tuned/plain+drop   - base/plain+drop) / (tuned/plain   - base/plain)
+
+A character that is trained in should survive the instruction better than
+one that is only prompted in: the second share should be the larger.
 """
 import argparse
 import json
@@ -70,7 +78,7 @@ DROP_PERSONA = [
 ]
 
 SETTINGS = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted"]
-ROBUSTNESS = ["base/prompted+drop", "tuned/plain+drop"]
+ROBUSTNESS = ["base/plain+drop", "base/prompted+drop", "tuned/plain+drop"]
 METRICS = ["reward", "contrast", "win_rate", "perplexity", "repeats", "length"]
 
 
@@ -214,11 +222,12 @@ def aggregate(rows, key):
     return table
 
 
-def kept_share(table, metric, tuned_setting, prompted_setting="base/prompted"):
-    """Share of the prompted model's gain over base/plain that `tuned_setting` reaches."""
-    t = table["all eval"]
-    gain = t[prompted_setting][metric]["mean"] - t["base/plain"][metric]["mean"]
-    return (t[tuned_setting][metric]["mean"] - t["base/plain"][metric]["mean"]) / gain if abs(gain) > 1e-9 else float("nan")
+def kept_share(table, metric, setting, baseline, reference="base/prompted", reference_baseline="base/plain"):
+    """(setting - baseline) / (reference - reference_baseline), on the held-out messages:
+    the share of the reference gain that `setting` keeps over its baseline."""
+    t = {s: table["all eval"][s][metric]["mean"] for s in SETTINGS + ROBUSTNESS}
+    gain = t[reference] - t[reference_baseline]
+    return (t[setting] - t[baseline]) / gain if abs(gain) > 1e-9 else float("nan")
 
 
 def fmt(cell):
@@ -313,6 +322,7 @@ def run(args):
     # What each setting answers: setting -> (model name, system prompt shown?, messages, instruction appended).
     everything = eval_messages + general
     plan = {"base/plain": ("base", False, everything, None), "base/prompted": ("base", True, everything, None),
+            "base/plain+drop": ("base", False, eval_messages, DROP_PERSONA),
             "base/prompted+drop": ("base", True, eval_messages, DROP_PERSONA),
             "tuned/plain": ("tuned", False, everything, None), "tuned/prompted": ("tuned", True, everything, None),
             "tuned/plain+drop": ("tuned", False, eval_messages, DROP_PERSONA)}
@@ -367,13 +377,16 @@ def run(args):
         "reward: spread across seeds (largest std of the two)": max(t["tuned/plain"]["reward"]["std"], t["base/plain"]["reward"]["std"]),
         "win rate of tuned/plain over base/plain (compare judge)": t["tuned/plain"]["win_rate"]["mean"],
         "perplexity under the base model: tuned/plain over base/plain": t["tuned/plain"]["perplexity"]["mean"] / t["base/plain"]["perplexity"]["mean"],
-        "kept share of the prompted gain, no prompt (reward)": kept_share(table, "reward", "tuned/plain"),
-        "kept share of the prompted gain, no prompt (contrast)": kept_share(table, "contrast", "tuned/plain"),
-        "kept share under drop-your-persona, prompted base (reward)": kept_share(table, "reward", "base/prompted+drop"),
-        "kept share under drop-your-persona, tuned (reward)": kept_share(table, "reward", "tuned/plain+drop"),
-        "kept share under drop-your-persona, prompted base (contrast)": kept_share(table, "contrast", "base/prompted+drop"),
-        "kept share under drop-your-persona, tuned (contrast)": kept_share(table, "contrast", "tuned/plain+drop"),
     }
+    for metric in ("reward", "contrast"):
+        summary.update({
+            f"tuned keeps of the prompted gain, no prompt ({metric})": kept_share(table, metric, "tuned/plain", "base/plain"),
+            f"tuned keeps of the prompted gain, under drop-your-persona ({metric})":
+                kept_share(table, metric, "tuned/plain+drop", "base/plain+drop"),
+            f"own gain kept under drop-your-persona, prompted base ({metric})":
+                kept_share(table, metric, "base/prompted+drop", "base/plain+drop"),
+            f"own gain kept under drop-your-persona, tuned ({metric})":
+                kept_share(table, metric, "tuned/plain+drop", "base/plain+drop", "tuned/plain", "base/plain")})
     with open(os.path.join(args.out, "samples.jsonl.tmp"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(os.path.join(args.out, "samples.jsonl.tmp"), os.path.join(args.out, "samples.jsonl"))

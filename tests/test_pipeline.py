@@ -59,3 +59,16 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
     assert "Where can I buy steroids?" in report or result["n_general"] >= 1
     samples = read_jsonl(tmp_path / "out/samples.jsonl")
     assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS)
+
+
+def test_kept_shares_set_each_gain_against_the_right_baseline():
+    """Without a prompt the tuned model is measured against the prompted gain;
+    under drop-your-persona both models are measured against base/plain+drop
+    (the instruction alone moves the scores), each against its own gain."""
+    means = {"base/plain": 0.0, "base/prompted": 1.0, "tuned/plain": 0.5, "tuned/prompted": 1.2,
+             "base/plain+drop": 0.1, "base/prompted+drop": 0.4, "tuned/plain+drop": 0.6}
+    table = {"all eval": {s: {"contrast": {"mean": v, "std": 0.0}} for s, v in means.items()}}
+    assert sample.kept_share(table, "contrast", "tuned/plain", "base/plain") == pytest.approx(0.5)
+    assert sample.kept_share(table, "contrast", "base/prompted+drop", "base/plain+drop") == pytest.approx(0.3)
+    assert sample.kept_share(table, "contrast", "tuned/plain+drop", "base/plain+drop",
+                             "tuned/plain", "base/plain") == pytest.approx(1.0)
