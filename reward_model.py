@@ -214,7 +214,7 @@ def build_parser():
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())})")
     M.add_model_args(p)
-    T.add_train_args(p, lr=1e-5, batch_size=4, micro_batch=2, epochs=1.0, train_layers=6)
+    T.add_train_args(p, lr=1e-5, batch_size=4, micro_batch=2, epochs=3.0, train_layers=6)
     return p
 
 
