@@ -548,12 +548,12 @@ def fuse_projections(state):
     """Files name W_q, W_k, W_v, W_gate and W_up apart (Hugging Face's and GGUF's
     layout); the network stacks them (qkv_proj, gate_up_proj). Stack them."""
     state = dict(state)
-    for key in [k for k in state if k.endswith(".self_attn.q_proj.weight") or k.endswith(".mlp.gate_proj.weight")]:
-        prefix = key[:key.index(".self_attn.") if ".self_attn." in key else key.index(".mlp.")]
+    for name in list(state):
         for fused, parts in FUSED.items():
-            for suffix in ("weight", "bias"):
+            if f".{parts[0]}." in name:           # e.g. layers.3.self_attn.q_proj.weight
+                prefix, suffix = name.split(f".{parts[0]}.")
                 names = [f"{prefix}.{p}.{suffix}" for p in parts]
-                if all(n in state for n in names):
+                if all(n in state for n in names):      # else build_model reports what is missing
                     state[f"{prefix}.{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
     return state
 
