@@ -62,6 +62,7 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 import model as M
@@ -291,6 +292,27 @@ def freeze_for_training(model, train_layers, train_embeddings):
         if model.lm_head is not None:
             model.lm_head.weight.requires_grad_(True)
     return k
+
+
+def cast_frozen_matrices(model, dtype):
+    """Frozen matrices never change, so cast them to the compute dtype once:
+    under autocast every forward casts them again (on this project's CPU that
+    was a fifth of a DPO step). autocast rounds the same way, so the numbers
+    do not change. Norm gains and the token embedding stay fp32, as autocast
+    leaves them. Returns the fp32 originals for `restore_matrices`."""
+    originals = {}
+    if dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad and module.weight.dtype == torch.float32:
+                originals[module] = module.weight.data
+                module.weight.data = module.weight.data.to(dtype)
+    return originals
+
+
+def restore_matrices(originals):
+    """Put the fp32 originals back, so that the saved model is exact."""
+    for module, weight in originals.items():
+        module.weight.data = weight
 
 
 def count_parameters(model):
@@ -527,6 +549,7 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
             layer.compile()
     optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_scales, d.device)
     compute, no_sync = data_parallel(model, loss_fn, d)
+    originals = cast_frozen_matrices(model, compute_dtype)
     fingerprint = json.loads(json.dumps({**fingerprint, "total_steps": total}))   # as it reads back from JSON
 
     start, elapsed = 0, 0.0
@@ -642,6 +665,7 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
     model.eval()
     last_record["heldout"] = log_eval(total)
     last_record["elapsed_s"] = round(elapsed + time.perf_counter() - run_start, 2)
+    restore_matrices(originals)
     return last_record
 
 

@@ -188,3 +188,27 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
     saved = load_file(out / "checkpoint" / "trainable.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]           # nothing logged for the bad step
+
+
+def test_frozen_matrices_cast_once_give_the_same_training_and_come_back_exact(tmp_path, tiny_model_dir, monkeypatch):
+    """In bf16, frozen matrices are cast once instead of in every forward: the
+    trained weights are bit for bit those of plain autocast, and the frozen
+    matrices are back in fp32, unchanged, when training ends."""
+    import dpo
+    prefs = write_pairs(tmp_path / "p.jsonl")
+    args = ["--preferences", prefs, "--traits", "", "--heldout-fraction", "0", "--lr", "1e-3", "--batch-size", "4",
+            "--dtype", "bf16", "--train-layers", "1", "--max-steps", "3"]
+    trained = {}
+    for name, cast in [("once", T.cast_frozen_matrices), ("autocast", lambda model, dtype: {})]:
+        model = M.load_model(tiny_model_dir, "cpu")
+        monkeypatch.setattr(M, "load_model", lambda *a, _m=model, **k: _m)
+        monkeypatch.setattr(T, "cast_frozen_matrices", cast)
+        assert dpo.main([*args, "--out", str(tmp_path / name)]) in (0, None)
+        trained[name] = model
+        monkeypatch.undo()
+    start = M.load_model(tiny_model_dir, "cpu").state_dict()
+    once, plain = trained["once"].state_dict(), trained["autocast"].state_dict()
+    assert all(torch.equal(once[k], plain[k]) for k in once)
+    frozen = "layers.0.self_attn.qkv_proj.weight"
+    assert once[frozen].dtype == torch.float32 and torch.equal(once[frozen], start[frozen])
+    assert not torch.equal(once["layers.1.mlp.down_proj.weight"], start["layers.1.mlp.down_proj.weight"])
