@@ -20,6 +20,8 @@ The network is a llama-family decoder. For a sequence of token ids x_1..x_T:
           dimensions (RoPE), so that q.k depends on relative position only;
           softmax(q k^T / sqrt(64) + causal mask) v. Several query heads share
           one key/value head (9 query, 3 key/value heads in SmolLM2-135M).
+          In code W_q, W_k, W_v are stacked into one matrix, and W_g, W_u into
+          another (one product each); files keep them apart (`fuse_projections`).
 
 Reads:  the embedded GGUF file, any local GGUF of the llama family, or a
         Hugging Face folder (config.json, *.safetensors, tokenizer.json).
