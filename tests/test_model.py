@@ -276,12 +276,13 @@ def test_stacked_projections_split_back_to_the_files_layout_exactly(tokenizer):
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 64, 65])
-def test_the_fast_bf16_product_equals_nn_linear(rows):
+def test_the_packed_product_of_decoding_equals_nn_linear(rows, dtype):
     torch.manual_seed(0)
-    x, w, b = torch.randn(rows, 1, 96), torch.randn(80, 96) / 10, torch.randn(80)
-    expected = torch.nn.functional.linear(x, w, b)                   # fp32 reference
-    got = M.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
-    assert got.shape == expected.shape and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(M.linear(x, w, b), expected)           # fp32: nn.Linear's own path
+    x, w, b = (t.to(dtype) for t in (torch.randn(rows, 1, 96), torch.randn(80, 96) / 10, torch.randn(80)))
+    expected = torch.nn.functional.linear(x, w, b)
+    got = M.linear(x, w, b, packed=M.pack_weight(w))
+    assert got.shape == expected.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
