@@ -203,7 +203,8 @@ class ChatModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_rope()
         self.tokenizer = None       # set by load_model
-        self.packed_output = None
+        self.packed_output = None   # the output matrix packed for decoding (`packed_for_decoding`)
+        self.output_weight = None   # a bf16 copy of a frozen tied output matrix while training (`train_loop`)
 
     def init_rope(self):
         cos, sin = rope_tables(self.cfg)
@@ -227,6 +228,8 @@ class ChatModel(nn.Module):
 
     def logits(self, hidden):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.output_weight is not None:
+            weight = self.output_weight
         return linear(hidden, weight, packed=self.packed_output)
 
     def new_cache(self, batch_size, length):

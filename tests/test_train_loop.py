@@ -191,9 +191,10 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
 
 
 def test_frozen_matrices_cast_once_give_the_same_training_and_come_back_exact(tmp_path, tiny_model_dir, monkeypatch):
-    """In bf16, frozen matrices are cast once instead of in every forward: the
-    trained weights are bit for bit those of plain autocast, and the frozen
-    matrices are back in fp32, unchanged, when training ends."""
+    """In bf16, frozen matrices (the tied output layer too) are cast once
+    instead of in every forward: the trained weights are bit for bit those of
+    plain autocast, and the frozen matrices are back in fp32, unchanged, when
+    training ends."""
     import dpo
     prefs = write_pairs(tmp_path / "p.jsonl")
     args = ["--preferences", prefs, "--traits", "", "--heldout-fraction", "0", "--lr", "1e-3", "--batch-size", "4",
@@ -212,3 +213,4 @@ def test_frozen_matrices_cast_once_give_the_same_training_and_come_back_exact(tm
     frozen = "layers.0.self_attn.qkv_proj.weight"
     assert once[frozen].dtype == torch.float32 and torch.equal(once[frozen], start[frozen])
     assert not torch.equal(once["layers.1.mlp.down_proj.weight"], start["layers.1.mlp.down_proj.weight"])
+    assert trained["once"].cfg.tie_embeddings and trained["once"].output_weight is None   # the bf16 output copy is gone
