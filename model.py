@@ -86,25 +86,32 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def packing_pays(rows, dtype):
-    """Whether a product with this many rows runs faster with packed weights:
-    a decoding step (one row per sequence) does, except one row in fp32, where
-    MKL's matrix-vector product is as fast (measured on this project's CPU)."""
-    return rows <= 64 and (rows > 1 or dtype != torch.float32)
-
-
 def pack_weight(weight):
     """W reordered once into the blocked layout oneDNN's product reads (an opaque tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
 def linear(x, weight, bias=None, packed=None):
-    """x W^T + b, as nn.Linear computes it. While generating on a CPU, `packed`
-    holds W reordered once into oneDNN's blocked layout (`packed_for_decoding`);
-    a decoding step then streams W as it lies instead of repacking it in
-    every call."""
-    if packed is not None and packing_pays(x.numel() // x.shape[-1], x.dtype):
+    """x W^T + b, as nn.Linear computes it, with two shortcuts for a decoding
+    step on a CPU (a few rows: one per sequence), where the plain product
+    reorders W into oneDNN's blocked layout in every call:
+    - fp32, 2-64 rows: multiply by `packed`, W reordered once per `generate`
+      call (`packed_for_decoding`); one row stays with MKL's matrix-vector
+      product, which is as fast;
+    - bf16, up to 64 rows: take the product as (W x^T)^T (or W x for one row),
+      which streams W as it lies. The result is then a transposed view; a
+      caller that reads it many times (attention, sampling) makes it
+      contiguous, the others need not pay for a copy.
+    Each is 1.1-1.8x faster per product on this project's machine
+    (`bench/generate_speed.py`; README, Speed)."""
+    rows = x.numel() // x.shape[-1]
+    if packed is not None and 1 < rows <= 64 and x.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if rows <= 64 and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        x2 = x.reshape(rows, -1)
+        y = torch.mv(weight, x2[0])[None] if rows == 1 else (weight @ x2.t()).t()
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 
@@ -147,7 +154,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask, cache, start):
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # (B, heads, T, 64)
+        qkv = self.qkv_proj(x).contiguous().view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # (B, heads, T, 64)
         qk = apply_rope(qkv[:, :H + KV], cos, sin)              # rotate the query and key heads together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         if cache is not None:
@@ -230,7 +237,7 @@ class ChatModel(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.output_weight is not None:
             weight = self.output_weight
-        return linear(hidden, weight, packed=self.packed_output)
+        return linear(hidden, weight, packed=self.packed_output).contiguous()
 
     def new_cache(self, batch_size, length):
         cfg, p = self.cfg, self.embed_tokens.weight
@@ -852,16 +859,17 @@ def sample_next(logits, temperature, top_p, generator):
 
 @contextlib.contextmanager
 def packed_for_decoding(model, batch_size):
-    """While generating on a CPU, keep a copy of every weight matrix in the
-    layout oneDNN's matrix product reads fastest (`linear`). A decoding step
-    multiplies a few rows (one per sequence) by every matrix, so its time is
-    mostly reading the weights; the plain product also reorders each W in
-    every call. Packing the 135M model takes ~0.1 s and holds a second copy of
-    the weights during the call; batch 16 decodes 1.1-1.15x faster in fp32
-    and bf16 alike (`bench/generate_speed.py`)."""
+    """While generating in fp32 on a CPU with a batch of 2-64 sequences, keep
+    a copy of every weight matrix in the layout oneDNN's matrix product reads
+    fastest (`linear`). A decoding step multiplies a few rows (one per
+    sequence) by every matrix, so its time is mostly reading the weights; the
+    plain product also reorders each W in every call. Packing the 135M model
+    takes ~0.1 s and holds a second copy of the weights during the call;
+    batch 16 decodes 1.12x faster (`bench/generate_speed.py`; README, Speed).
+    bf16 takes another shortcut that needs no copy (`linear`)."""
     weight = model.embed_tokens.weight
-    pack = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and packing_pays(batch_size, weight.dtype) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    pack = (weight.device.type == "cpu" and weight.dtype == torch.float32 and 1 < batch_size <= 64
+            and torch.backends.mkldnn.is_available())
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if pack:
         for m in linears:

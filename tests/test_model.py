@@ -278,7 +278,8 @@ def test_stacked_projections_split_back_to_the_files_layout_exactly(tokenizer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 64, 65])
-def test_the_packed_product_of_decoding_equals_nn_linear(rows, dtype):
+def test_the_decoding_shortcuts_of_linear_equal_nn_linear(rows, dtype):
+    """fp32: the product by weights packed for oneDNN; bf16: (W x^T)^T."""
     torch.manual_seed(0)
     x, w, b = (t.to(dtype) for t in (torch.randn(rows, 1, 96), torch.randn(80, 96) / 10, torch.randn(80)))
     expected = torch.nn.functional.linear(x, w, b)
