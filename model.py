@@ -865,7 +865,7 @@ def packed_for_decoding(model, batch_size):
     sequence) by every matrix, so its time is mostly reading the weights; the
     plain product also reorders each W in every call. Packing the 135M model
     takes ~0.1 s and holds a second copy of the weights during the call;
-    batch 16 decodes 1.12x faster (`bench/generate_speed.py`; README, Speed).
+    batch 16 decodes 1.15x faster (`bench/generate_speed.py`; README, Speed).
     bf16 takes another shortcut that needs no copy (`linear`)."""
     weight = model.embed_tokens.weight
     pack = (weight.device.type == "cpu" and weight.dtype == torch.float32 and 1 < batch_size <= 64
