@@ -27,6 +27,10 @@ Reads:  the embedded GGUF file, any local GGUF of the llama family, or a
         Hugging Face folder (config.json, *.safetensors, tokenizer.json).
 Writes: a Hugging Face folder (`save_model`), which `transformers` loads too.
 
+Generation is batched with a key/value cache (`generate`). A decoding step
+multiplies a few rows by every weight matrix; on a CPU `linear` and
+`packed_for_decoding` take shortcuts for that (README, Speed).
+
 Weights are read with `gguf` or `safetensors`: no pickle, no code execution.
 Internally the layout is Hugging Face's (rotate-half RoPE), so a GGUF file's
 llama query/key weights, which llama.cpp's converter permuted for its
@@ -86,6 +90,9 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+DECODE_ROWS = 64     # at most this many rows (one per sequence) take the decoding shortcuts of `linear`
+
+
 def pack_weight(weight):
     """W reordered once into the blocked layout oneDNN's product reads (an opaque tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -105,9 +112,9 @@ def linear(x, weight, bias=None, packed=None):
     Each is 1.1-1.8x faster per product on this project's machine
     (`bench/generate_speed.py`; README, Speed)."""
     rows = x.numel() // x.shape[-1]
-    if packed is not None and 1 < rows <= 64 and x.dtype == torch.float32:
+    if packed is not None and 1 < rows <= DECODE_ROWS and x.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if rows <= 64 and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+    if rows <= DECODE_ROWS and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
         x2 = x.reshape(rows, -1)
         y = torch.mv(weight, x2[0])[None] if rows == 1 else (weight @ x2.t()).t()
         y = y.view(*x.shape[:-1], weight.shape[0])
@@ -233,10 +240,12 @@ class ChatModel(nn.Module):
             h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], start)
         return self.norm(h)
 
+    def output_matrix(self):
+        """W_out: the token embedding when tied, else lm_head's weight."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden):
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if self.output_weight is not None:
-            weight = self.output_weight
+        weight = self.output_matrix() if self.output_weight is None else self.output_weight
         return linear(hidden, weight, packed=self.packed_output).contiguous()
 
     def new_cache(self, batch_size, length):
@@ -868,14 +877,13 @@ def packed_for_decoding(model, batch_size):
     batch 16 decodes 1.15x faster (`bench/generate_speed.py`; README, Speed).
     bf16 takes another shortcut that needs no copy (`linear`)."""
     weight = model.embed_tokens.weight
-    pack = (weight.device.type == "cpu" and weight.dtype == torch.float32 and 1 < batch_size <= 64
+    pack = (weight.device.type == "cpu" and weight.dtype == torch.float32 and 1 < batch_size <= DECODE_ROWS
             and torch.backends.mkldnn.is_available())
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if pack:
         for m in linears:
             m.packed = pack_weight(m.weight)
-        out = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        model.packed_output = pack_weight(out)
+        model.packed_output = pack_weight(model.output_matrix())
     try:
         yield
     finally:
