@@ -61,7 +61,6 @@ Run it:
     python dpo.py --smoke                           # 2 steps, short sequences (CI)
     torchrun --nproc_per_node=2 dpo.py              # two processes (DDP)
 """
-import argparse
 import hashlib
 import json
 import os
@@ -215,20 +214,20 @@ def make_evaluate(args, examples, device):
 # ----------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Stage 5: DPO fine-tuning on the ranked preference pairs.")
+    p = M.ArgumentParser(prog=PROG, description="Stage 5: DPO fine-tuning on the ranked preference pairs.")
     p.add_argument("--preferences", default="data/preferences.jsonl", help="input: preference pairs from rank.py (default: %(default)s)")
     p.add_argument("--traits", default="traits.txt",
                    help="the traits file the pairs must come from ('' = do not check) (default: %(default)s)")
     p.add_argument("--out", default="out/dpo", help="output folder (Hugging Face format) (default: %(default)s)")
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the KL penalty: larger stays closer to the start (default: %(default)s)")
+    p.add_argument("--beta", type=M.number(float, above=0), default=0.1, help="strength of the KL penalty: larger stays closer to the start (default: %(default)s)")
     p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO (squared) (default: %(default)s)")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
+    p.add_argument("--label-smoothing", type=M.number(float, at_least=0, below=0.5), default=0.0,
                    help="conservative DPO: assumed probability that a label is wrong (sigmoid loss only) (default: %(default)s)")
-    p.add_argument("--nll-weight", type=float, default=0.0,
+    p.add_argument("--nll-weight", type=M.number(float, at_least=0), default=0.0,
                    help="weight of an NLL term on the chosen answers (per token); 0 = off (default: %(default)s)")
-    p.add_argument("--heldout-fraction", type=float, default=0.1,
+    p.add_argument("--heldout-fraction", type=M.number(float, at_least=0, below=1), default=0.1,
                    help="share of messages (never of pairs) held out to measure the loss and accuracy on (default: %(default)s)")
-    p.add_argument("--ref-batch", type=int, default=8, help="pairs per forward pass when computing the reference log-probs (default: %(default)s)")
+    p.add_argument("--ref-batch", type=M.number(int, at_least=1), default=8, help="pairs per forward pass when computing the reference log-probs (default: %(default)s)")
     p.add_argument("--export-gguf", action="store_true", help="also write <out>/model.gguf for llama.cpp-based tools")
     p.add_argument("--gguf-dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (f32 is exact) (default: %(default)s)")
     p.add_argument("--smoke", action="store_true",
@@ -247,25 +246,19 @@ def parse_args(argv=None):
     if args.smoke:                          # smoke sizes become the defaults; explicit flags still win
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
-    if args.beta <= 0:
-        parser.error("--beta must be positive")
-    if not 0 <= args.label_smoothing < 0.5:
-        parser.error("--label-smoothing must be in [0, 0.5)")
-    if not 0 <= args.heldout_fraction < 1:
-        parser.error("--heldout-fraction must be in [0, 1)")
     return args
 
 
 def run(args):
     d = T.setup_distributed(args.device)
-    dtype = M.pick_dtype(d.device, args.dtype)
-    if dtype == torch.float16:
+    if args.dtype == "fp16":
         raise T.DataError("fp16 training needs loss scaling; use --dtype bf16 or fp32")
     started = time.time()
     pairs = T.read_preferences(args.preferences, args.max_pairs)
     T.check_traits(pairs, args.traits, args.preferences)
     train_pairs, held_pairs = T.split_by_query(pairs, args.heldout_fraction, args.seed)
     model = M.load_model(args.model, d.device, torch.float32)
+    dtype = M.pick_dtype(d.device, args.dtype, "training")        # autocast's; the weights stay fp32
     tok = model.tokenizer
     train_examples, skipped = T.tokenize_pairs(train_pairs, tok, args.max_length)
     held_examples, held_skipped = T.tokenize_pairs(held_pairs, tok, args.max_length)

@@ -89,7 +89,7 @@ SMOKE = dict(max_traits=2, max_seeds=2, new_per_trait=1, list_samples=1, list_to
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = M.ArgumentParser(
         prog=PROG, description="Stages 1+2: write user messages for each trait, then K answers to each.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--traits", default="traits.txt", help="the character: traits with seed messages")
@@ -97,27 +97,27 @@ def build_parser():
     p.add_argument("--responses", default="data/responses.jsonl", help="output: K answers per message")
     p.add_argument("--report", default="data/generate_report.json", help="output: filter counts and timings")
     # messages
-    p.add_argument("--max-traits", type=int, default=None, help="use only the first N traits (None: all)")
-    p.add_argument("--max-seeds", type=int, default=None,
+    p.add_argument("--max-traits", type=M.number(int, at_least=1), default=None, help="use only the first N traits (None: all)")
+    p.add_argument("--max-seeds", type=M.number(int, at_least=0), default=None,
                    help="keep at most N seed messages per trait as messages (all seeds still prime the list; None: all)")
-    p.add_argument("--new-per-trait", type=int, default=8, help="new messages the model writes per trait")
-    p.add_argument("--list-samples", type=int, default=2,
+    p.add_argument("--new-per-trait", type=M.number(int, at_least=0), default=8, help="new messages the model writes per trait")
+    p.add_argument("--list-samples", type=M.number(int, at_least=1), default=2,
                    help="sampled continuations of each trait's list (more gives more candidates to filter)")
-    p.add_argument("--list-tokens", type=int, default=96, help="new tokens per list continuation")
-    p.add_argument("--max-message-chars", type=int, default=300, help="longer messages are dropped")
-    p.add_argument("--max-similarity", type=float, default=0.7,
+    p.add_argument("--list-tokens", type=M.number(int, at_least=1), default=96, help="new tokens per list continuation")
+    p.add_argument("--max-message-chars", type=M.number(int, at_least=1), default=300, help="longer messages are dropped")
+    p.add_argument("--max-similarity", type=M.number(float, above=0, at_most=1), default=0.7,
                    help="a message whose word-set Jaccard similarity to a kept one is at least this is a near duplicate")
-    p.add_argument("--eval-fraction", type=float, default=0.2,
+    p.add_argument("--eval-fraction", type=M.number(float, at_least=0, below=1), default=0.2,
                    help="share of each trait's messages held out as the eval split (at least 1 when a trait has 2 or more)")
     # answers
-    p.add_argument("--answers", type=int, default=4, help="K answers per message: K-1 with the trait, 1 plain")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="answer sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.1,
+    p.add_argument("--answers", type=M.number(int, at_least=2), default=4, help="K answers per message: K-1 with the trait, 1 plain")
+    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7, help="answer sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability")
+    p.add_argument("--repetition-penalty", type=M.number(float, above=0), default=1.1,
                    help="divide the logits of tokens already in the sequence by this (1 = off)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences generated together")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same files (each unit of work is seeded from it)")
+    p.add_argument("--batch-size", type=M.number(int, at_least=1), default=64, help="sequences generated together")
+    p.add_argument("--seed", type=M.number(int, at_least=0), default=0, help="same seed, same files (each unit of work is seeded from it)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}); other flags still override")
     M.add_model_args(p)
@@ -503,27 +503,16 @@ def read_jsonl(path, required=()):
 # The stage
 # ----------------------------------------------------------------------------
 
-def check_args(args):
-    if args.answers < 2:
-        raise InputError("--answers must be at least 2 (one plain answer and at least one with the traits)")
-    for name in ("new_per_trait", "list_samples", "list_tokens", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < (0 if name == "new_per_trait" else 1):
-            raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    if not 0 <= args.eval_fraction < 1:
-        raise InputError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
-
-
 def run(args, model=None):
     """Stages 1+2 with parsed arguments. `model`: an already loaded model (tests), else loaded from args."""
     t_start = time.time()
-    check_args(args)
     traits = parse_traits(args.traits)
     sha = traits_sha(traits)                     # of the whole file: --max-traits only limits the work
     traits = traits[:args.max_traits] if args.max_traits else traits
     device = M.pick_device(args.device) if model is None else model.embed_tokens.weight.device
     rank, world, device = init_distributed(device)
     if model is None:
-        model = M.load_model(args.model, device, M.pick_dtype(device, args.dtype))
+        model = M.load_model(args.model, device, args.dtype, "decoding")
     tok = model.tokenizer
     common = {"model": args.model or "embedded", "device": device.type, "dtype": str(model.embed_tokens.weight.dtype),
               "seed": args.seed, "traits_sha": sha}

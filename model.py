@@ -38,7 +38,9 @@ interleaved rotary form, are permuted back on load.
 """
 import argparse
 import contextlib
+import functools
 import importlib.util
+import math
 import json
 import mmap
 import os
@@ -93,8 +95,26 @@ class RMSNorm(nn.Module):
 DECODE_ROWS = 64     # at most this many rows (one per sequence) take the decoding shortcuts of `linear`
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_can_pack(dtype):
+    """Whether this CPU's oneDNN packs and multiplies `dtype` weights. Asked of
+    the running CPU by trying it on a tiny matrix, never assumed from a flag:
+    bf16 packing needs AVX-512 or AVX-NE-CONVERT and refuses on AVX2-only CPUs."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.ones(8, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
+        return bool((y.float() == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 def pack_weight(weight):
-    """W reordered once into the blocked layout oneDNN's product reads (an opaque tensor)."""
+    """W reordered once into the blocked layout oneDNN's product reads (an
+    opaque tensor), or None where this CPU cannot (`linear` then multiplies W)."""
+    if weight.device.type != "cpu" or not cpu_can_pack(weight.dtype):
+        return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
@@ -102,17 +122,16 @@ def linear(x, weight, bias=None, packed=None):
     """x W^T + b, as nn.Linear computes it, with two shortcuts for a decoding
     step on a CPU (a few rows: one per sequence), where the plain product
     reorders W into oneDNN's blocked layout in every call:
-    - fp32, 2-64 rows: multiply by `packed`, W reordered once per `generate`
-      call (`packed_for_decoding`); one row stays with MKL's matrix-vector
-      product, which is as fast;
-    - bf16, up to 64 rows: take the product as (W x^T)^T (or W x for one row),
-      which streams W as it lies. The result is then a transposed view; a
-      caller that reads it many times (attention, sampling) makes it
-      contiguous, the others need not pay for a copy.
-    Each is 1.1-1.8x faster per product on this project's machine
-    (`bench/generate_speed.py`; README, Speed)."""
+    - up to 64 rows with `packed` (W reordered once per `generate` call, where
+      this CPU measures it faster: `packed_for_decoding`): multiply by it;
+    - bf16, up to 64 rows, no packed copy: take the product as (W x^T)^T (or
+      W x for one row), which streams W as it lies. The result is then a
+      transposed view; a caller that reads it many times (attention,
+      sampling) makes it contiguous, the others need not pay for a copy.
+    Each is 1.1-1.8x faster per product than the plain one on this project's
+    machines (`bench/generate_speed.py`; README, Speed)."""
     rows = x.numel() // x.shape[-1]
-    if packed is not None and 1 < rows <= DECODE_ROWS and x.dtype == torch.float32:
+    if packed is not None and rows <= DECODE_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if rows <= DECODE_ROWS and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
         x2 = x.reshape(rows, -1)
@@ -120,6 +139,31 @@ def linear(x, weight, bias=None, packed=None):
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def packing_pays(dtype, rows):
+    """Whether multiplying `rows` rows by a packed copy of W beats `linear`'s
+    unpacked product on this CPU, measured once per (dtype, rows) on the
+    model's gate/up matrix (3072 x 576), best of 3, ~10 ms. Measured because
+    it differs: fp32 with 16 rows gained 1.15x on an Intel Xeon with AMX, fp32
+    with one row lost there (MKL's matrix-vector product is as fast), bf16
+    gained nothing there but 1.3-1.7x on an AMD EPYC with AVX-512-BF16."""
+    if not cpu_can_pack(dtype):
+        return False
+    import time
+    g = torch.Generator().manual_seed(0)
+    w, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((3072, 576), (rows, 576)))
+    packed = pack_weight(w)
+    best = {}
+    for _ in range(3):
+        for name, p in (("packed", packed), ("plain", None)):
+            linear(x, w, packed=p)
+            t = time.perf_counter()
+            for _ in range(5):
+                linear(x, w, packed=p)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    return best["packed"] < 0.95 * best["plain"]
 
 
 class Linear(nn.Linear):
@@ -147,6 +191,43 @@ def apply_rope(x, cos, signed_sin):
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def one_token_attention(q, k, v, additive_mask):
+    """softmax(q k^T / sqrt(d) + mask) v for one new token per sequence, as two
+    batched products: the query heads that share a key/value head are stacked
+    as rows, so k and v are read once per group, never repeated.
+    q (B, H, 1, d); k, v (B, KV, S, d); additive_mask (B, 1, 1, S)."""
+    B, H, _, d = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    scores = q.view(B, KV, H // KV, d) @ k.transpose(-1, -2) * d ** -0.5 + additive_mask.view(B, 1, 1, S)
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (weights @ v).view(B, H, 1, d)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_attention_by_products(dtype):
+    """Whether `one_token_attention` beats scaled_dot_product_attention's CPU
+    kernel for a decoding step on this CPU, measured once per dtype (~20 ms,
+    16 sequences, 128 cached tokens, SmolLM2-135M's heads). On an AMD EPYC with
+    AVX-512-BF16 the products were 1.3x faster in fp32 and 11x in bf16, where
+    the fused kernel's fixed cost dominates one query row."""
+    import time
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(16, 9, 1, 64, generator=g).to(dtype)
+    k, v = (torch.randn(16, 3, 128, 64, generator=g).to(dtype) for _ in range(2))
+    mask = torch.zeros(16, 1, 1, 128, dtype=dtype)
+    ways = {"products": lambda: one_token_attention(q, k, v, mask),
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)}
+    best = {}
+    for _ in range(2):
+        for name, f in ways.items():
+            f()
+            t = time.perf_counter()
+            for _ in range(5):
+                f()
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    return best["products"] < best["sdpa"]
+
+
 class Attention(nn.Module):
     """W_q, W_k and W_v are stacked into one matrix (`qkv_proj`): one product
     instead of three, which matters when each product is small (decoding).
@@ -170,9 +251,12 @@ class Attention(nn.Module):
             cache_k[:, :, start:start + T] = k
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            enable_gqa=self.n_heads != self.n_kv_heads)
+        if T == 1 and attn_mask is not None and q.device.type == "cpu" and decode_attention_by_products(q.dtype):
+            y = one_token_attention(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -619,10 +703,12 @@ def build_model(cfg, state, tok, chat_template):
     return model
 
 
-def load_model(path=None, device="auto", dtype=torch.float32):
+def load_model(path=None, device="auto", dtype=torch.float32, work="decoding"):
     """Load a chat model from None (the embedded default), a .gguf file or a
     Hugging Face folder. Returns a ChatModel in eval mode with `.tokenizer`.
-    dtype: the weights' dtype (fp32 for training; bf16 for fast inference)."""
+    dtype: the weights' dtype (fp32 for training; bf16 for fast inference), or
+    a --dtype name ("auto", "fp32", ...), chosen for `work` by `pick_dtype`
+    once the file has been read (so a bad file gets its one error line alone)."""
     path = path or default_model_path()
     if not os.path.exists(path):
         raise ModelError(f"no model at {path}")
@@ -634,6 +720,8 @@ def load_model(path=None, device="auto", dtype=torch.float32):
                 raise ModelError(f"{path} is not a model: expected a GGUF file or a Hugging Face folder")
         parts = read_gguf(path)
     model = build_model(*parts)
+    if isinstance(dtype, str):
+        dtype = pick_dtype(device, dtype, work)
     return model.to(device=pick_device(device), dtype=dtype).eval()
 
 
@@ -777,15 +865,80 @@ def save_gguf(model, path, dtype="f32"):
 # Device and precision
 # ----------------------------------------------------------------------------
 
-def cpu_has_fast_bf16():
-    """bf16 matrix units (AMX) or AVX-512-BF16: there bf16 is about twice as fast as fp32.
-    Without them (AVX2 only) bf16 matmuls are emulated and slower."""
+def cpu_kind():
+    """One line naming this CPU: model, cores torch uses, and its bf16/AVX flags
+    (benchmarks print it beside every figure)."""
+    name, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        pass
+    kind = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx_ne_convert", "avx2") if f in flags]
+    return f"{name}, {torch.get_num_threads()} threads, flags: {' '.join(kind) or 'none of amx/avx512/avx2'}"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(work="decoding"):
+    """How many times faster bf16 runs than fp32 on this CPU for `work`, measured
+    once per process (0.3-1 s) on two blocks of SmolLM2-135M's shapes with
+    random weights, best of 3 interleaved timings:
+    - "decoding": `generate` itself, 16 prompts of ~60 tokens, 12 new tokens
+      each (the prompt pass and the decoding steps, in the stages' proportion);
+    - "scoring": a forward pass over 2 x 128 tokens, fp32 vs bf16 weights;
+    - "training": forward and backward over 2 x 128 tokens, fp32 vs bf16 autocast.
+    Measured, never read from a CPU flag: an AVX2-only CPU emulates bf16
+    (several times slower); AMX and AVX-512-BF16 run bf16 about twice as fast,
+    but only where the kernels use them (on an AMD EPYC with AVX-512-BF16 the
+    fused attention kernel made bf16 decoding slower than fp32 until decoding
+    switched to `one_token_attention`)."""
+    import copy
+    import time
+    cfg = Config(vocab_size=256, n_layers=2, max_seq_len=256)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fp32 = ChatModel(cfg)
+        for p in fp32.parameters():
+            if p.dim() > 1:
+                nn.init.normal_(p, std=0.02)
+    fp32.eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    prompts = [[1 + (7 * i + j) % 250 for j in range(64 - i % 8)] for i in range(16)]
+
+    def decoding(m):
+        m.tokenizer = Tokenizer.__new__(Tokenizer)         # generate reads only the two ids below
+        m.tokenizer.stop_ids, m.tokenizer.pad_id = [], 0
+        generate(m, prompts, max_new_tokens=12, temperature=0.7)
+
+    def scoring(m):
+        with torch.inference_mode():
+            m(ids)
+
+    def training(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=m is bf16):
+            loss = fp32(ids).float().pow(2).mean()          # autocast: fp32 weights either way
+        loss.backward()
+        fp32.zero_grad(set_to_none=True)
+
+    run = {"decoding": decoding, "scoring": scoring, "training": training}[work]
+    best = {fp32: math.inf, bf16: math.inf}
+    for m in best:                                          # warm up: oneDNN picks its kernels
+        run(m)
+    for _ in range(3):
+        for m in best:
+            t = time.perf_counter()
+            run(m)
+            best[m] = min(best[m], time.perf_counter() - t)
+    return best[fp32] / best[bf16]
+
+
+BF16_MIN_SPEEDUP = 1.15     # `auto` takes bf16 on a CPU only if it measures at least this much faster
 
 
 def pick_device(name="auto"):
@@ -800,16 +953,60 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def pick_dtype(device, name="auto"):
-    """The compute dtype: bf16 where the hardware runs it fast, else fp32."""
+def pick_dtype(device, name="auto", work="decoding", quiet=False):
+    """The compute dtype for `work` ("decoding": generating with bf16 weights;
+    "scoring": log-probabilities of whole sequences with bf16 weights;
+    "training": fp32 weights under bf16 autocast). `auto`: bf16
+    on a GPU that supports it; on a CPU, bf16 only where it measures at least
+    BF16_MIN_SPEEDUP times faster than fp32 for that work (`cpu_bf16_speedup`),
+    else fp32. Prints its choice and why in one line (unless quiet)."""
     if name != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     device = pick_device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return torch.float32
+        dtype, why = ((torch.bfloat16, "the GPU supports bf16") if torch.cuda.is_bf16_supported()
+                      else (torch.float32, "the GPU has no bf16"))
+    elif device.type == "cpu":
+        speedup = cpu_bf16_speedup(work)
+        dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
+        why = f"{work} in bf16 measured {speedup:.2f}x the speed of fp32 on this CPU; bf16 from {BF16_MIN_SPEEDUP}x"
+    else:
+        dtype, why = torch.float32, f"{device.type}: fp32"
+    if not quiet:
+        _say_once(f"--dtype auto: {'bf16' if dtype == torch.bfloat16 else 'fp32'} for {work} ({why})")
+    return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(line):
+    print(line, file=sys.stderr)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: <what is wrong>`, exit status 2,
+    before anything is read or written (no usage dump: `--help` has it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind=float, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type: a finite int or float within the given bounds, e.g.
+    `type=number(float, above=0)` for a learning rate. NaN and infinity are refused."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        bounds = [(at_least, lambda v, b: v >= b, ">="), (above, lambda v, b: v > b, ">"),
+                  (at_most, lambda v, b: v <= b, "<="), (below, lambda v, b: v < b, "<")]
+        wanted = " and ".join(f"{sign} {b}" for b, _, sign in bounds if b is not None)
+        if not math.isfinite(value) or not all(ok(value, b) for b, ok, _ in bounds if b is not None):
+            raise argparse.ArgumentTypeError(f"must be {'finite' + (' and ' if wanted else '')}{wanted}, got {text}")
+        return value
+    parse.__name__ = kind.__name__           # argparse names the type in its messages
+    parse.bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    return parse
 
 
 def add_model_args(parser):
@@ -868,17 +1065,16 @@ def sample_next(logits, temperature, top_p, generator):
 
 @contextlib.contextmanager
 def packed_for_decoding(model, batch_size):
-    """While generating in fp32 on a CPU with a batch of 2-64 sequences, keep
-    a copy of every weight matrix in the layout oneDNN's matrix product reads
-    fastest (`linear`). A decoding step multiplies a few rows (one per
-    sequence) by every matrix, so its time is mostly reading the weights; the
-    plain product also reorders each W in every call. Packing the 135M model
-    takes ~0.1 s and holds a second copy of the weights during the call;
-    batch 16 decodes 1.15x faster (`bench/generate_speed.py`; README, Speed).
-    bf16 takes another shortcut that needs no copy (`linear`)."""
+    """While generating on a CPU with a batch of up to 64 sequences, keep a
+    copy of every weight matrix in the layout oneDNN's matrix product reads
+    fastest (`linear`), where this CPU measures that faster (`packing_pays`).
+    A decoding step multiplies a few rows (one per sequence) by every matrix,
+    so its time is mostly reading the weights; the plain product also
+    reorders each W in every call. Packing the 135M model takes ~0.1 s and
+    holds a second copy of the weights during the call (README, Speed)."""
     weight = model.embed_tokens.weight
-    pack = (weight.device.type == "cpu" and weight.dtype == torch.float32 and 1 < batch_size <= DECODE_ROWS
-            and torch.backends.mkldnn.is_available())
+    pack = (weight.device.type == "cpu" and batch_size <= DECODE_ROWS
+            and packing_pays(weight.dtype, 1 if batch_size == 1 else 16))
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if pack:
         for m in linears:
@@ -1090,17 +1286,17 @@ def answer_logprobs(model, sequences, masks, batch_size=8, dtype=None):
 # ----------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(description="Chat with the model once.")
+    parser = ArgumentParser(description="Chat with the model once.")
     parser.add_argument("message", nargs="?", default="What is the capital of France?")
     parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=128)
+    parser.add_argument("--temperature", type=number(float, at_least=0), default=0.0)
+    parser.add_argument("--seed", type=number(int, at_least=0), default=0)
     add_model_args(parser)
     args = parser.parse_args()
     try:
         device = pick_device(args.device)
-        model = load_model(args.model, device, pick_dtype(device, args.dtype))
+        model = load_model(args.model, device, args.dtype)
     except ModelError as e:
         sys.exit(f"model.py: {e}")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.message}]

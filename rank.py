@@ -101,7 +101,7 @@ PROG = "rank.py"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = M.ArgumentParser(
         prog=PROG, description="Stage 3: the model scores its own answers; best and worst become preference pairs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--traits", default="traits.txt", help="the traits file the responses were made from")
@@ -115,8 +115,8 @@ def build_parser():
                    help="contrast only: the prompt to contrast with, the plain default one or the opposite trait (RLCD)")
     p.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
                    help="best-worst: one pair per message; all: every pair with margin above --min-margin")
-    p.add_argument("--min-margin", type=float, default=0.0, help="keep only pairs whose score difference is above this")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--min-margin", type=M.number(float), default=0.0, help="keep only pairs whose score difference is above this")
+    p.add_argument("--batch-size", type=M.number(int, at_least=1), default=16, help="sequences per forward pass")
     M.add_model_args(p)
     return p
 
@@ -319,7 +319,7 @@ def run(args, model=None):
     device = M.pick_device(args.device) if model is None else model.embed_tokens.weight.device
     rank, world, device = init_distributed(device)
     if model is None:
-        model = M.load_model(args.model, device, M.pick_dtype(device, args.dtype))
+        model = M.load_model(args.model, device, args.dtype, "scoring")
     tok = model.tokenizer
     k = len(records[0]["responses"])
     per_unit = max(1, args.batch_size // k)

@@ -50,7 +50,6 @@ Run it:
     python reward_model.py --smoke              # 2 steps, short sequences (CI)
     torchrun --nproc_per_node=2 reward_model.py
 """
-import argparse
 import json
 import os
 import sys
@@ -202,14 +201,14 @@ def score(reward_model, prompts, answers, batch_size=8):
 # ----------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Stage 4: a Bradley-Terry reward model on the preference pairs.")
+    p = M.ArgumentParser(prog=PROG, description="Stage 4: a Bradley-Terry reward model on the preference pairs.")
     p.add_argument("--preferences", default="data/preferences.jsonl", help="input: preference pairs from rank.py (default: %(default)s)")
     p.add_argument("--traits", default="traits.txt", help="the traits file the pairs must come from ('' = do not check) (default: %(default)s)")
     p.add_argument("--out", default="out/reward_model", help="output folder (default: %(default)s)")
-    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of messages (never of pairs) held out (default: %(default)s)")
-    p.add_argument("--margin-weight", type=float, default=0.0,
+    p.add_argument("--heldout-fraction", type=M.number(float, above=0, below=1), default=0.2, help="share of messages (never of pairs) held out (default: %(default)s)")
+    p.add_argument("--margin-weight", type=M.number(float, at_least=0), default=0.0,
                    help="require r_w - r_l > weight * the judge's margin (0 = plain Bradley-Terry) (default: %(default)s)")
-    p.add_argument("--head-lr-scale", type=float, default=100.0,
+    p.add_argument("--head-lr-scale", type=M.number(float, above=0), default=100.0,
                    help="the head's learning rate / --lr (it starts from zero, the network does not) (default: %(default)s)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())})")
@@ -224,15 +223,12 @@ def parse_args(argv=None):
     if args.smoke:
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
-    if not 0 < args.heldout_fraction < 1:
-        parser.error("--heldout-fraction must be in (0, 1): the held-out accuracy is what this stage reports")
     return args
 
 
 def run(args):
     d = T.setup_distributed(args.device)
-    dtype = M.pick_dtype(d.device, args.dtype)
-    if dtype == torch.float16:
+    if args.dtype == "fp16":
         raise T.DataError("fp16 training needs loss scaling; use --dtype bf16 or fp32")
     started = time.time()
     pairs = T.read_preferences(args.preferences, args.max_pairs)
@@ -241,6 +237,7 @@ def run(args):
     if not held_pairs:
         raise T.DataError(f"{args.preferences}: pairs of only one message; need at least two messages for a held-out split")
     model = M.load_model(args.model, d.device, torch.float32)
+    dtype = M.pick_dtype(d.device, args.dtype, "training")        # autocast's; the weights stay fp32
     tok = model.tokenizer
     train_examples, skipped = T.tokenize_pairs(train_pairs, tok, args.max_length)
     held_examples, held_skipped = T.tokenize_pairs(held_pairs, tok, args.max_length)

@@ -82,25 +82,33 @@ ROBUSTNESS = ["base/plain+drop", "base/prompted+drop", "tuned/plain+drop"]
 METRICS = ["reward", "contrast", "win_rate", "perplexity", "repeats", "length"]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = M.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traits", default="traits.txt", help="the traits file the data was made from")
     p.add_argument("--queries", default="data/queries.jsonl", help="messages with their split (eval ones are used)")
     p.add_argument("--tuned", default="out/dpo", help="the DPO-trained model folder")
     p.add_argument("--reward-model", default="out/reward_model", help="the reward model folder")
     p.add_argument("--out", default="out", help="folder for samples.jsonl, eval.json, report.md")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=M.number(int, at_least=0), nargs="+", default=[0, 1, 2],
                    help="one independent sampling of every answer per seed (at least 3, for a spread)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit in tokens")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=96, help="answers generated at once")
-    p.add_argument("--score-batch", type=int, default=16, help="answers scored at once")
-    p.add_argument("--general", type=int, default=3, help=f"how many of the {len(GENERAL_PROMPTS)} general prompts to use")
-    p.add_argument("--show", type=int, default=6, help="messages shown side by side in the report")
+    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=48, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7)
+    p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.95)
+    p.add_argument("--batch-size", type=M.number(int, at_least=1), default=96, help="answers generated at once")
+    p.add_argument("--score-batch", type=M.number(int, at_least=1), default=16, help="answers scored at once")
+    p.add_argument("--general", type=M.number(int, at_least=0, at_most=len(GENERAL_PROMPTS)), default=3, help=f"how many of the {len(GENERAL_PROMPTS)} general prompts to use")
+    p.add_argument("--show", type=M.number(int, at_least=0), default=6, help="messages shown side by side in the report")
     p.add_argument("--smoke", action="store_true", help="a quick check of the whole stage (CI): 1 general prompt, 12 new tokens")
     M.add_model_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if len(args.seeds) < 2:
+        p.error("give at least two --seeds, so every figure has a spread")
+    return args
 
 
 # ----------------------------------------------------------------------------
@@ -306,9 +314,8 @@ def run(args):
         if not os.path.isdir(path):
             raise ValueError(f"{path} does not exist: run {stage} first")
     device = M.pick_device(args.device)
-    dtype = M.pick_dtype(device, args.dtype)
-    base = M.load_model(args.model, device, dtype)
-    tuned = M.load_model(args.tuned, device, dtype)
+    base = M.load_model(args.model, device, args.dtype, "decoding")
+    tuned = M.load_model(args.tuned, device, base.embed_tokens.weight.dtype)
     reward = RM.load_reward_model(args.reward_model, device)
     os.makedirs(args.out, exist_ok=True)
     # "Prompted" shows a held-out message's own trait, as generate.py did; a general prompt gets all traits.
@@ -411,8 +418,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         args.general, args.max_new_tokens, args.show = 1, 12, 2
-    if len(args.seeds) < 2:
-        sys.exit("sample.py: give at least two --seeds, so every figure has a spread")
     from generate import InputError
     try:
         run(args)

@@ -133,7 +133,7 @@ def step_times(metrics_path):
 def worker_ours(cfg):
     full = cfg["mode"] == "full"
     model = M.load_model(cfg["model"], "cpu", torch.float32)
-    dtype = M.pick_dtype("cpu", cfg["dtype"])
+    dtype = M.pick_dtype("cpu", cfg["dtype"], "training", quiet=True)
     pairs = load_pairs(cfg["preferences"], cfg["pairs"])
     examples, _ = T.tokenize_pairs(pairs, model.tokenizer, cfg["max_length"])
     flags = ["--batch-size", str(cfg["batch"]), "--micro-batch", str(cfg["micro"]), "--max-steps", str(cfg["steps"]),
@@ -163,7 +163,7 @@ def worker_trl(cfg):
     import datasets
     import transformers
     from trl import DPOConfig, DPOTrainer
-    dtype = M.pick_dtype("cpu", cfg["dtype"])
+    dtype = M.pick_dtype("cpu", cfg["dtype"], "training", quiet=True)
     pairs = load_pairs(cfg["preferences"], cfg["pairs"])
     data = datasets.Dataset.from_list([{"prompt": T.without_system(p["prompt"]), "chosen": p["chosen"],
                                         "rejected": p["rejected"]} for p in pairs])
@@ -255,7 +255,8 @@ def main():
     cfg = {"model": args.model, "preferences": preferences, "pairs": args.pairs, "steps": args.steps, "batch": args.batch,
            "micro": args.micro, "max_length": args.max_length, "lr": args.lr, "beta": args.beta, "dtype": args.dtype,
            "peak_n": args.peak_n, "peak_n_bf16": args.peak_n_bf16}
-    dtype = M.pick_dtype("cpu", args.dtype)
+    dtype = M.pick_dtype("cpu", args.dtype, "training")
+    print(f"CPU: {M.cpu_kind()}", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, trl {trl_version or '(not installed)'}, "
           f"compute dtype {dtype}; {args.pairs} pairs from {preferences}, {args.steps} steps of {args.batch} pairs "
           f"(micro batches of {args.micro}), max length {args.max_length}, OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'unset')}",
@@ -282,6 +283,7 @@ def main():
           f"bf16 {peak.get('bf16', 0) / 1e9:.1f} GFLOP/s; training runs in {used}, so MFU is against the {used} peak"
           + ("" if used == "bf16" or peak.get("bf16", 0) < peak.get("fp32", 0) else
              f" (bf16 would be {peak['bf16'] / peak['fp32']:.1f}x faster: try --dtype bf16)") + "\n")
+    print(f"CPU: {M.cpu_kind()}\n")
     print("| configuration | tokens/s (train steps) | tokens/s with reference pass (1 / 2 epochs) | vs TRL | step (s) "
           f"| model GFLOP/token | MFU ({used}) | peak RSS (GB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

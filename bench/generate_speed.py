@@ -65,7 +65,8 @@ def time_transformers(hf_model, prompts, pad_id, new_tokens, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["auto", "fp32", "bf16"],
+                   help="auto: what the stages' --dtype auto picks on this CPU (measured)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     p.add_argument("--model", default=None)
@@ -79,14 +80,18 @@ def main():
         transformers = None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"transformers {transformers.__version__ if transformers else '(not installed)'}, "
-          f"fast bf16 on this CPU: {M.cpu_has_fast_bf16()}", file=sys.stderr)
+          f"bf16 decoding measured {M.cpu_bf16_speedup('decoding'):.2f}x fp32 (--dtype auto: "
+          f"{'bf16' if M.pick_dtype('cpu', 'auto', quiet=True) == torch.bfloat16 else 'fp32'})", file=sys.stderr)
+    cpu = M.cpu_kind()
+    print(f"CPU: {cpu}", file=sys.stderr)
     base = M.load_model(args.model, "cpu")
     tmp = tempfile.mkdtemp()
     if transformers:
         M.save_model(base, os.path.join(tmp, "hf"))
     rows = []
     for dtype_name in args.dtype:
-        dtype = M.pick_dtype("cpu", dtype_name)
+        dtype = M.pick_dtype("cpu", dtype_name, quiet=True)
+        dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
         ours = M.load_model(args.model, "cpu", dtype)
         hf = None
         if transformers:
@@ -99,7 +104,7 @@ def main():
             rows.append((batch, dtype_name, a, b))
             print(f"batch {batch:3d} {dtype_name}: ours {a:7.1f} tok/s"
                   + (f", transformers {b:7.1f} tok/s, ratio {a / b:.2f}x" if b else ""), file=sys.stderr)
-    print("\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
+    print(f"\nCPU: {cpu}\n\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
     for batch, dtype_name, a, b in rows:
         print(f"| {batch} | {dtype_name} | {a:.1f} | {f'{b:.1f}' if b else '-'} | {f'{a / b:.2f}x' if b else '-'} |")
 

@@ -252,7 +252,29 @@ def test_the_command_line_reports_a_bad_model_in_one_line(tmp_path):
 def test_device_and_dtype_are_chosen_and_overridable():
     assert M.pick_device("cpu").type == "cpu"
     assert M.pick_dtype("cpu", "fp32") == torch.float32 and M.pick_dtype("cpu", "bf16") == torch.bfloat16
-    assert M.pick_dtype("cpu", "auto") == (torch.bfloat16 if M.cpu_has_fast_bf16() else torch.float32)
+    for work in ("decoding", "scoring", "training"):
+        measured = M.cpu_bf16_speedup(work)
+        assert measured > 0 and measured == M.cpu_bf16_speedup(work)          # measured once per process
+        assert M.pick_dtype("cpu", "auto", work) == (torch.bfloat16 if measured >= M.BF16_MIN_SPEEDUP else torch.float32)
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.5, torch.bfloat16), (1.0, torch.float32), (0.2, torch.float32)])
+def test_auto_dtype_follows_the_measured_speed_not_a_cpu_flag(monkeypatch, capsys, speedup, expected):
+    """AMX (bf16 ~2x faster) -> bf16; AVX-512-BF16 EPYC decoding (slower in bf16)
+    and AVX2 (emulated) -> fp32, whatever the flags say; the choice and its
+    reason are printed in one line."""
+    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda work: speedup)
+    monkeypatch.setattr(M, "_say_once", lambda line: print(line, file=sys.stderr))
+    assert M.pick_dtype("cpu", "auto", "training") == expected
+    line = capsys.readouterr().err.strip()
+    assert line.count("\n") == 0 and f"{speedup:.2f}x" in line and "training" in line
+    assert line.startswith(f"--dtype auto: {'bf16' if expected == torch.bfloat16 else 'fp32'}")
+
+
+def test_a_model_loaded_with_dtype_auto_gets_the_measured_choice(monkeypatch, tiny_model_dir):
+    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda work: {"decoding": 0.7, "scoring": 1.6}[work])
+    assert M.load_model(tiny_model_dir, "cpu", "auto", "decoding").embed_tokens.weight.dtype == torch.float32
+    assert M.load_model(tiny_model_dir, "cpu", "auto", "scoring").embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_bf16_weights_give_nearly_the_same_next_token_distribution(tiny_model_dir, tokenizer):
@@ -276,19 +298,82 @@ def test_stacked_projections_split_back_to_the_files_layout_exactly(tokenizer):
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("can_pack", [True, False], ids=["packed-if-this-cpu-can", "fallback-forced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 64, 65])
-def test_the_decoding_shortcuts_of_linear_equal_nn_linear(rows, dtype):
-    """fp32: the product by weights packed for oneDNN; bf16: (W x^T)^T. Both
-    against the exact fp32 product of the same (rounded) inputs. Without a
-    bias, bf16 may be off by one rounding (0.4%), not more; with one, the
-    bias is added after that rounding, so near-cancelling sums get 2e-2."""
+def test_the_decoding_shortcuts_of_linear_equal_nn_linear(monkeypatch, rows, dtype, can_pack):
+    """fp32: the product by weights packed for oneDNN where this CPU packs them;
+    bf16: (W x^T)^T. With packing refused (the probe patched, as on a CPU
+    without it) every path falls back to a plain product, compared the same way
+    on every machine. All against the exact fp32 product of the same (rounded)
+    inputs. Without a bias, bf16 may be off by one rounding (0.4%), not more;
+    with one, the bias is added after that rounding, so near-cancelling sums get 2e-2."""
+    if not can_pack:
+        monkeypatch.setattr(M, "cpu_can_pack", lambda dtype: False)
     torch.manual_seed(0)
     x, w, b = (t.to(dtype) for t in (torch.randn(rows, 1, 96), torch.randn(80, 96) / 10, torch.randn(80)))
     packed = M.pack_weight(w)
+    assert (packed is not None) == (can_pack and M.cpu_can_pack(dtype))
     for bias, tol in [(None, 4e-3), (b, 2e-2)]:
         expected = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
         got = M.linear(x, w, bias, packed=packed)
         assert got.shape == expected.shape and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else tol
         torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+def test_the_pack_probe_asks_the_running_cpu(monkeypatch):
+    """cpu_can_pack tries oneDNN on a tiny matrix; a refusal (as on AVX2 for bf16) is a False, not a crash."""
+    def refuse(*a, **k):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+    M.cpu_can_pack.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    try:
+        assert M.cpu_can_pack(torch.float32) is False and M.pack_weight(torch.ones(4, 4)) is None
+    finally:
+        M.cpu_can_pack.cache_clear()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generation_with_packing_refused_equals_generation_with_it(monkeypatch, tiny_model, tokenizer, batch):
+    """packed_for_decoding packs where the CPU can and measures it faster, and
+    falls back to the plain product where it cannot: the same tokens either way."""
+    prompts = [tokenizer.prompt("Hello"), tokenizer.prompt("What is two plus two?")][:batch]
+    monkeypatch.setattr(M, "packing_pays", lambda dtype, rows: M.cpu_can_pack(dtype))      # pack wherever possible
+    packed = M.generate(tiny_model, prompts, max_new_tokens=8, temperature=0)
+    monkeypatch.setattr(M, "cpu_can_pack", lambda dtype: False)
+    plain = M.generate(tiny_model, prompts, max_new_tokens=8, temperature=0)
+    assert packed == plain
+
+
+def test_packing_is_used_only_where_it_measured_faster(monkeypatch, tiny_model):
+    for pays in (True, False):
+        monkeypatch.setattr(M, "packing_pays", lambda dtype, rows, _p=pays: _p and M.cpu_can_pack(dtype))
+        with M.packed_for_decoding(tiny_model, 16):
+            assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == (pays and M.cpu_can_pack(torch.float32))
+        assert tiny_model.layers[0].mlp.down_proj.packed is None                   # dropped after the call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_attention_equals_scaled_dot_product_attention(dtype):
+    """The decoding step's attention by two batched products (query heads of a
+    group stacked as rows) gives what SDPA gives, masked key positions included."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 9, 1, 64, generator=g).to(dtype)
+    k, v = (torch.randn(5, 3, 40, 64, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.rand(5, 1, 1, 40, generator=g) > 0.3
+    allowed[..., -1] = True                                      # the new token always sees itself
+    mask = M.additive_mask(allowed, dtype)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
+                                                                enable_gqa=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(M.one_token_attention(q, k, v, mask).float(), expected, rtol=tol, atol=tol)
+
+
+def test_generation_is_the_same_whichever_decoding_attention_the_cpu_measures_faster(monkeypatch, tiny_model, tokenizer):
+    prompts = [tokenizer.prompt("Hello"), tokenizer.prompt("What is two plus two?")]
+    answers = []
+    for by_products in (True, False):
+        monkeypatch.setattr(M, "decode_attention_by_products", lambda dtype, _b=by_products: _b)
+        answers.append(M.generate(tiny_model, prompts, max_new_tokens=8, temperature=0))
+    assert answers[0] == answers[1]

@@ -214,3 +214,18 @@ def test_frozen_matrices_cast_once_give_the_same_training_and_come_back_exact(tm
     assert once[frozen].dtype == torch.float32 and torch.equal(once[frozen], start[frozen])
     assert not torch.equal(once["layers.1.mlp.down_proj.weight"], start["layers.1.mlp.down_proj.weight"])
     assert trained["once"].cfg.tie_embeddings and trained["once"].output_weight is None   # the bf16 output copy is gone
+
+
+def test_frozen_matrices_come_back_in_fp32_when_training_stops_on_a_nan(tmp_path, tiny_model_dir, monkeypatch):
+    """The fp32 originals are put back however training ends, not only when it finishes."""
+    import dpo
+    prefs = write_pairs(tmp_path / "p.jsonl")
+    model = M.load_model(tiny_model_dir, "cpu")
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: model)
+    real_make_loss_fn = dpo.make_loss_fn
+    monkeypatch.setattr(dpo, "make_loss_fn", lambda args, device: (
+        lambda m, batch: (lambda value, metrics: (value * float("nan"), metrics))(*real_make_loss_fn(args, device)(m, batch))))
+    code = dpo.main(["--preferences", prefs, "--traits", "", "--heldout-fraction", "0", "--batch-size", "4",
+                     "--dtype", "bf16", "--train-layers", "1", "--max-steps", "2", "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32 and model.output_weight is None
