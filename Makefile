@@ -20,20 +20,36 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 # The whole pipeline on the embedded model, stage by stage (each resumes if killed).
+# One character per run, each in its own folders:
+#   make demo                              traits.txt -> data/traits/, out/traits/
+#   make demo TRAITS=personas/pirate.txt   -> data/pirate/, out/pirate/
+TRAITS ?= traits.txt
+NAME   := $(basename $(notdir $(TRAITS)))
+DATA   := data/$(NAME)
+OUT    := out/$(NAME)
+FILES  := --traits $(TRAITS)
+GEN    := $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json
+RANK   := $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.jsonl \
+          --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json
+RM     := $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model
+DPO    := $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo
+SAMPLE := $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
+
 demo: setup
-	$(PY) generate.py
-	$(PY) rank.py
-	$(PY) reward_model.py
-	$(PY) dpo.py
-	$(PY) sample.py
+	$(PY) generate.py $(GEN)
+	$(PY) rank.py $(RANK)
+	$(PY) reward_model.py $(RM)
+	$(PY) dpo.py $(DPO)
+	$(PY) sample.py $(SAMPLE)
+	@echo "the verdict: $(OUT)/report.md"
 
 # The same at the smallest size that goes through every step (a few minutes).
 smoke: setup
-	$(PY) generate.py --smoke
-	$(PY) rank.py
-	$(PY) reward_model.py --smoke
-	$(PY) dpo.py --smoke
-	$(PY) sample.py --smoke
+	$(PY) generate.py $(GEN) --smoke
+	$(PY) rank.py $(RANK)
+	$(PY) reward_model.py $(RM) --smoke
+	$(PY) dpo.py $(DPO) --smoke
+	$(PY) sample.py $(SAMPLE) --smoke
 
 test: setup
 	$(PY) -m pytest -q

@@ -21,7 +21,12 @@ Options (--loss-type, --label-smoothing, --nll-weight):
       loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
 - IPO (Azar et al. 2023), a squared loss that does not push h to infinity;
   as in TRL, on the per-token mean log-probabilities:  loss = (h - 1/(2 beta))^2
-- an NLL term on the chosen answer (as in RPO): + w * (-log pi(y_w|x) / |y_w|).
+- an NLL term on the chosen answer (as in RPO): + w * (-log pi(y_w|x) / |y_w|);
+  w = 0.1 by default: it keeps the chosen answers likely, and with it the
+  tuned model did not fall into loops (README, "Recipes tried");
+- sft: the NLL term alone, i.e. supervised fine-tuning on the chosen answers,
+  a possible first stage (`dpo.py --loss-type sft --out out/sft`, then
+  `dpo.py --model out/sft`, whose reference is then the SFT model).
 
 Implementation:
 - The reference log-probabilities are computed once, before training, with
@@ -166,7 +171,9 @@ def make_loss_fn(args, device):
         policy_chosen, policy_rejected, n_chosen, n_rejected = answer_logprobs(model, batch, device)
         ref, = T.to_device(device, torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in batch]))
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
-        if args.loss_type == "ipo":   # IPO compares per-token means
+        if args.loss_type == "sft":   # supervised: only the NLL of the chosen answer
+            losses = torch.zeros_like(policy_chosen)
+        elif args.loss_type == "ipo":   # IPO compares per-token means
             losses, _, _ = dpo_loss(policy_chosen / n_chosen, policy_rejected / n_rejected,
                                     ref_chosen / n_chosen, ref_rejected / n_rejected, args.beta, 0.0, "ipo")
         else:
@@ -175,7 +182,7 @@ def make_loss_fn(args, device):
         chosen_reward = args.beta * (policy_chosen - ref_chosen).detach()
         rejected_reward = args.beta * (policy_rejected - ref_rejected).detach()
         nll = -policy_chosen / n_chosen
-        loss = losses.sum() + args.nll_weight * nll.sum()
+        loss = losses.sum() + (1.0 if args.loss_type == "sft" else args.nll_weight) * nll.sum()
         metrics = {
             "dpo_loss": losses.detach().sum(),
             "accuracy": (chosen_reward > rejected_reward).float().sum(),
@@ -220,10 +227,12 @@ def build_parser():
                    help="the traits file the pairs must come from ('' = do not check) (default: %(default)s)")
     p.add_argument("--out", default="out/dpo", help="output folder (Hugging Face format) (default: %(default)s)")
     p.add_argument("--beta", type=M.number(float, above=0), default=0.1, help="strength of the KL penalty: larger stays closer to the start (default: %(default)s)")
-    p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO (sigmoid) or IPO (squared) (default: %(default)s)")
+    p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "sft"],
+                   help="DPO (sigmoid), IPO (squared), or sft: supervised fine-tuning on the chosen answers alone "
+                        "(per-token NLL; no reference pass), a first stage before DPO (default: %(default)s)")
     p.add_argument("--label-smoothing", type=M.number(float, at_least=0, below=0.5), default=0.0,
                    help="conservative DPO: assumed probability that a label is wrong (sigmoid loss only) (default: %(default)s)")
-    p.add_argument("--nll-weight", type=M.number(float, at_least=0), default=0.0,
+    p.add_argument("--nll-weight", type=M.number(float, at_least=0), default=0.1,
                    help="weight of an NLL term on the chosen answers (per token); 0 = off (default: %(default)s)")
     p.add_argument("--heldout-fraction", type=M.number(float, at_least=0, below=1), default=0.1,
                    help="share of messages (never of pairs) held out to measure the loss and accuracy on (default: %(default)s)")
@@ -233,10 +242,10 @@ def build_parser():
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes for a quick end-to-end run ({', '.join(f'{k}={v}' for k, v in SMOKE.items())})")
     M.add_model_args(p)
-    # lr 1e-4 for 4 epochs: on the default run's ~30 pairs, 3e-5 for 2 epochs left
-    # the sampled answers unchanged (tuned/plain contrast -0.080 vs base -0.082);
-    # 1e-4 x 4 moved them by more than the spread over seeds (README, Results).
-    T.add_train_args(p, lr=1e-4, batch_size=4, micro_batch=2, epochs=4.0, train_layers=6)
+    # Gentle: every block at lr 1e-5 for 2 epochs, with the NLL term. The top 6
+    # blocks at lr 1e-4 for 4 epochs reached the pirate persona at 46% but 64%
+    # of its answers looped (README, "Recipes tried").
+    T.add_train_args(p, lr=1e-5, batch_size=4, micro_batch=2, epochs=2.0, train_layers=0)
     return p
 
 
@@ -275,10 +284,15 @@ def run(args):
     everything = train_examples + held_examples
     t0 = time.time()
     data_hash = data_fingerprint(everything, args.model, args.max_length)
-    computed = reference_logprobs(model, everything, d, dtype, args.ref_batch,
-                                  os.path.join(args.out, "reference_logprobs.json"), data_hash)
+    if args.loss_type == "sft":                 # SFT needs no reference model
+        computed = None
+        for e in everything:
+            e["ref_chosen"] = e["ref_rejected"] = 0.0
+    else:
+        computed = reference_logprobs(model, everything, d, dtype, args.ref_batch,
+                                      os.path.join(args.out, "reference_logprobs.json"), data_hash)
     ref_seconds = time.time() - t0
-    if d.main:
+    if d.main and computed is not None:
         print(f"{PROG}: reference log-probabilities {'computed' if computed else 'read from the cache'} "
               f"in {ref_seconds:.0f} s", file=sys.stderr)
 

@@ -25,13 +25,17 @@ pipeline learns from:
    share of each trait's messages (--eval-fraction) is held out as the "eval"
    split: no training stage uses it; sample.py measures on it.
 
-2. Answers. Each message is answered K times (--answers, default 4), sampled:
-   K-1 times with the trait in the system prompt (the model's default system
-   message followed by the trait, see `traits_system_prompt`) and once with
-   the model's plain default system prompt. The plain answer is the baseline
-   that rank.py's sanity figure compares against.
+2. Answers. Each message is answered K times (--answers), sampled: K-1
+   times with the trait's teacher prompt as the system prompt (its role and
+   the trait line, "You are a pirate. I talk like an old sea pirate, ...":
+   `character.teacher_prompt`) and once with the model's plain default
+   system prompt. The teacher prompt sets the ceiling of the whole method:
+   the pairs can only be as in character as these answers (README, "The
+   teacher's prompt"). The plain answer is the baseline that rank.py's
+   sanity figure compares against, and for traits the prompt barely moves
+   (the AI identity at 135M) the K answers are a best-of-K to choose from.
 
-Reads:  traits.txt (format below).
+Reads:  traits.txt (its format: character.py).
 Writes: data/queries.jsonl    one user message per line:
           {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
            "split": "train"|"eval", "traits_sha"}
@@ -41,13 +45,8 @@ Writes: data/queries.jsonl    one user message per line:
            "traits_sha"}
         data/generate_report.json   what the filters dropped, timings.
 
-The traits file: blocks separated by blank lines. The first line of a block
-is the trait, in the first person; lines starting with "- " are its seed
-messages; an optional line starting with "opposite: " is the opposite trait
-(used only by `rank.py --against opposite`); lines starting with "#" are
-comments. `traits_sha` is the SHA-256 of the parsed traits and seeds (not of
-the raw bytes: comments and blank lines do not change it), so a later stage
-can refuse data made from another traits file.
+`traits_sha` (character.py) ties every record to the traits file it came
+from, so a later stage can refuse data made from another one.
 
 Resuming. The work is cut into units (fixed batches in a fixed order, each
 sampled with a seed made from --seed and the unit's index), so the result
@@ -80,6 +79,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
+from character import InputError, parse_traits, teacher_prompt, traits_sha
 
 PROG = "generate.py"
 
@@ -131,94 +131,6 @@ def parse_args(argv=None):
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
     return args
-
-
-class InputError(Exception):
-    """Bad input: printed as one line, `generate.py: <message>`, exit status 1."""
-
-
-# ----------------------------------------------------------------------------
-# The traits file
-# ----------------------------------------------------------------------------
-
-def parse_traits(path):
-    """Read a traits file. Returns a list of traits, each a dict:
-    {"id": 1, "text": str, "seeds": [str, ...], "opposite": str | None, "line": int}.
-    Raises InputError naming the file and line for anything malformed."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    traits, current = [], None
-    for n, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if line.startswith("#"):
-            continue
-        if not line:
-            current = None              # a blank line ends the block
-            continue
-        where = f"{path} line {n}"
-        if current is None:             # first line of a block: the trait
-            if line.startswith("-") or line.lower().startswith("opposite:"):
-                raise InputError(f"{where}: a block must start with the trait itself, not with {line[:12]!r} "
-                                 "(is the trait line missing?)")
-            if not re.search(r"[^\W\d_]", line):
-                raise InputError(f"{where}: the trait has no text ({line!r})")
-            if any(t["text"] == line for t in traits):
-                raise InputError(f"{where}: the same trait appears twice")
-            current = {"id": len(traits) + 1, "text": line, "seeds": [], "opposite": None, "line": n}
-            traits.append(current)
-        elif line.startswith("- ") or line == "-":
-            seed = line[1:].strip()
-            if not seed:
-                raise InputError(f"{where}: empty seed message")
-            current["seeds"].append(seed)
-        elif line.lower().startswith("opposite:"):
-            if current["opposite"] is not None:
-                raise InputError(f"{where}: a second 'opposite:' line for the same trait")
-            current["opposite"] = line.split(":", 1)[1].strip() or None
-            if current["opposite"] is None:
-                raise InputError(f"{where}: empty 'opposite:' line")
-        else:
-            raise InputError(f"{where}: expected a seed message starting with '- ' (or a blank line "
-                             f"before the next trait), got {line[:40]!r}")
-    if not traits:
-        raise InputError(f"{path}: no traits found (expected blocks of a trait line followed by '- ' seed messages)")
-    for t in traits:
-        if not t["seeds"]:
-            raise InputError(f"{path} line {t['line']}: the trait has no seed messages "
-                             "(add 3 to 6 lines starting with '- ' after it)")
-    return traits
-
-
-def traits_sha(traits):
-    """SHA-256 of the parsed traits and their seeds: what generated data depends on."""
-    content = [{"text": t["text"], "seeds": t["seeds"]} for t in traits]
-    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-
-
-def traits_system_prompt(traits, base_system=None):
-    """The system prompt that shows the model its character.
-
-    traits: a list of traits (dicts from parse_traits, or plain strings).
-    base_system: text to put first, normally the model's own default system
-    message (`tokenizer.default_system`). Appending the traits to it rather
-    than replacing it keeps more of the model's sense of what it is (on
-    SmolLM2-135M: 24% vs 14% of identity answers say it is an AI; DESIGN.md).
-
-    generate.py and rank.py call it with one trait (the one the message is
-    about): a 135M model follows one short instruction better than seven."""
-    lines = "\n".join(f"- {t['text'] if isinstance(t, dict) else t}" for t in traits)
-    text = f"This is your character, in your own words:\n{lines}\nAnswer in a way that shows this character."
-    if base_system:
-        base = base_system.strip()
-        text = base + ("" if base.endswith((".", "!", "?")) else ".") + "\n\n" + text
-    return text
 
 
 # ----------------------------------------------------------------------------
@@ -342,9 +254,10 @@ def trim_to_sentence(text):
     return text[:ends[-1]] if ends else text
 
 
-def answer_prompts(tok, query, k):
-    """The K prompts for one message: K-1 with its trait in the system prompt, 1 plain."""
-    system = traits_system_prompt([query["trait"]], tok.default_system)
+def answer_prompts(tok, query, trait, k):
+    """The K prompts for one message: K-1 with the trait's teacher prompt as the
+    system prompt, 1 with the model's plain default one."""
+    system = teacher_prompt(trait)
     return system, [(tok.prompt(query["text"], system), "traits")] * (k - 1) + [(tok.prompt(query["text"]), "plain")]
 
 
@@ -548,13 +461,14 @@ def run(args, model=None):
     t_lists = time.time() - t_start
 
     # --- stage 2: K answers per message, in units of whole messages ------------
+    by_id = {t["id"]: t for t in traits}
     per_unit = max(1, args.batch_size // args.answers)
     units = [queries[i:i + per_unit] for i in range(0, len(queries), per_unit)]
 
     def do_answer_unit(i):
         prompts, systems = [], []
         for q in units[i]:
-            system, qp = answer_prompts(tok, q, args.answers)
+            system, qp = answer_prompts(tok, q, by_id[q["trait_id"]], args.answers)
             systems.append(system)
             prompts.extend(qp)
         outs = M.generate(model, [p for p, _ in prompts], args.max_new_tokens, args.temperature, args.top_p,

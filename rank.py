@@ -9,11 +9,12 @@ the best and worst answer of each message become a preference pair
 Two judges (--judge):
 
   contrast (default): how much more likely the answer is when the model has
-      the trait in its system prompt than when it has the plain prompt,
+      the trait's teacher prompt as its system prompt (`character.teacher_prompt`,
+      the one generate.py answered with) than when it has the plain prompt,
       averaged over the answer's tokens a_1..a_T:
 
-          score = 1/T sum_t [ log p(a_t | traits prompt, message, a_<t)
-                            - log p(a_t | plain prompt,  message, a_<t) ]
+          score = 1/T sum_t [ log p(a_t | teacher prompt, message, a_<t)
+                            - log p(a_t | plain prompt,   message, a_<t) ]
 
       A log-likelihood ratio: positive when the answer is "more in character
       than usual". It needs no instruction following, so it works at any
@@ -57,24 +58,34 @@ Even a random network scores near 1.0 here (see the tiny-model tests). The
 figure shows how far the prompt moved the answers and that the judge points
 the right way, not that it reads the trait; compare has no such head start,
 and neither has --against opposite as much (no answer was sampled from the
-opposite prompt). DESIGN.md's independent check (AUC for answers that say
-"I am an AI", labelled by keywords): contrast 0.60, contrast-opposite 0.62,
-asking the model yes/no 0.47.
+opposite prompt). What the judge really sees is measured through each
+trait's `check:` pattern, which the judge never reads: the share of all,
+chosen and rejected answers that pass it, and the AUC of the score for
+telling passing from failing answers (printed, and in the report under
+"judge_seen_through_the_checks").
+
+Which answers may be chosen. An answer that matches any trait's `never:`
+pattern (it claims a body, a home, a memory: a bad example for every
+trait), one that loops (a token 3-gram 4 times or more) and an empty one
+are never chosen; an answer that breaks the character is taken as the
+rejected one where a message has one, whatever its score: it is the
+clearest example of what the character is not.
 
 Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
 Writes: data/scores.jsonl       every answer's score, one message per line
         data/preferences.jsonl  one pair per line, train split only:
           {"id": "t1-q007-2-0", "query_id", "trait", "prompt": [{"role": "user", ...}],
            "chosen": [{"role": "assistant", ...}], "rejected": [...], "score_chosen",
-           "score_rejected", "margin", "judge", "traits_sha"}
+           "score_rejected", "margin", "rejected_breaks_character", "judge", "traits_sha"}
           (no system message in the prompt: DPO trains the model to show the
           character with its plain default system prompt)
         data/rank_report.json   the sanity figures and one ranked example.
 
-Pairs (--pairs): best-worst (default) gives one pair per message; all gives
-every pair whose score difference exceeds --min-margin. A pair is skipped if
-its margin is not above --min-margin, if both answers are the same text, or if
-the chosen answer is empty.
+Pairs (--pairs): best-worst (default) gives one pair per message, the best
+usable answer against the worst (or against one that breaks the character);
+all gives every pair of a usable answer over a lower-scored one. A pair is
+skipped if its margin is not above --min-margin (unless its rejected answer
+breaks the character), or if both answers are the same text.
 
 Resuming and several processes work as in generate.py (units of whole
 messages, `<output>.partial` files, `torchrun --nproc_per_node=N`).
@@ -94,8 +105,9 @@ import time
 import torch
 
 import model as M
-from generate import (InputError, barrier, finish_distributed, init_distributed, parse_traits, read_jsonl, remove_partials,
-                      run_units, traits_sha, traits_system_prompt, write_atomic, write_jsonl_atomic)
+from character import InputError, breaks_character, loops, parse_traits, shows, teacher_prompt, traits_sha
+from generate import (barrier, finish_distributed, init_distributed, read_jsonl, remove_partials, run_units, write_atomic,
+                      write_jsonl_atomic)
 
 PROG = "rank.py"
 
@@ -224,27 +236,73 @@ def compare_win_rate(model, trait, user_message, answers, batch_size=16):
 # Pairs and sanity figures
 # ----------------------------------------------------------------------------
 
-def make_pairs(record, scores, mode, min_margin, judge, sha):
-    """Preference pairs of one message in the conversational prompt/chosen/rejected format."""
+def example_flaws(answers, traits, tok):
+    """Why each answer may not be a chosen example: "empty", "breaks the
+    character" (it matches a `never:` pattern of any trait, e.g. it claims a
+    body or a home), "loops" (a token 3-gram 4 times or more); None if usable."""
+    flaws = []
+    for text in answers:
+        flaws.append("empty" if not text.strip() else "breaks the character" if breaks_character(traits, text)
+                     else "loops" if loops(tok.encode(text)) else None)
+    return flaws
+
+
+def make_pairs(record, scores, mode, min_margin, judge, sha, flaws):
+    """Preference pairs of one message in the conversational prompt/chosen/rejected format.
+
+    best-worst: chosen = the best-scored answer without a flaw; rejected = an
+    answer that breaks the character if there is one (the lowest-scored of
+    them: the clearest lesson in what the character is not), else the
+    worst-scored answer. all: every (usable, any) pair ordered by the score."""
     answers = [a["text"] for a in record["responses"]]
+    usable = [i for i in range(len(scores)) if flaws[i] is None]
+    if not usable:
+        return []
     if mode == "best-worst":
-        best = max(range(len(scores)), key=lambda i: scores[i])      # first of equals: deterministic
-        worst = min(range(len(scores)), key=lambda i: scores[i])
+        best = max(usable, key=lambda i: scores[i])                   # first of equals: deterministic
+        breaking = [i for i in range(len(scores)) if flaws[i] == "breaks the character"]
+        worst = min(breaking or range(len(scores)), key=lambda i: scores[i])
         candidates = [(best, worst)]
     else:
-        candidates = [(i, j) for i in range(len(scores)) for j in range(len(scores)) if scores[i] > scores[j]]
+        candidates = [(i, j) for i in usable for j in range(len(scores)) if scores[i] > scores[j]]
     pairs = []
     for c, r in candidates:
         margin = scores[c] - scores[r]
-        if margin <= min_margin or answers[c] == answers[r] or not answers[c].strip():
+        forced = flaws[r] == "breaks the character"                  # a breaking answer is rejected whatever its score
+        if (margin <= min_margin and not forced) or answers[c] == answers[r]:
             continue
         pairs.append({"id": f"{record['query_id']}-{c}-{r}", "query_id": record["query_id"], "trait": record["trait"],
                       "prompt": [{"role": "user", "content": record["text"]}],
                       "chosen": [{"role": "assistant", "content": answers[c]}],
                       "rejected": [{"role": "assistant", "content": answers[r]}],
                       "score_chosen": scores[c], "score_rejected": scores[r], "margin": round(margin, 6),
-                      "judge": judge, "traits_sha": sha})
+                      "rejected_breaks_character": forced, "judge": judge, "traits_sha": sha})
     return pairs
+
+
+def judge_against_checks(traits, records, all_scores, preferences):
+    """How the judge's choices look through each trait's `check:` pattern (which
+    the judge never sees): the share of all answers, of chosen and of
+    rejected answers that pass the check, and the AUC of the judge's score
+    for telling passing from failing answers (0.5: the judge does not see
+    what the check sees). Per trait, on that trait's messages."""
+    out = {}
+    for t in traits:
+        if not t.get("check"):
+            continue
+        own = [(r, s) for r, s in zip(records, all_scores) if r["trait_id"] == t["id"]]
+        passing = [sc for r, s in own for a, sc in zip(r["responses"], s) if shows(t, a["text"])]
+        failing = [sc for r, s in own for a, sc in zip(r["responses"], s) if not shows(t, a["text"])]
+        pairs = [p for p in preferences if p["trait"] == t["text"]]
+        rate = lambda texts: round(sum(map(bool, texts)) / len(texts), 4) if texts else None
+        out[str(t["id"])] = {
+            "trait": t["text"], "answers": len(passing) + len(failing),
+            "check_rate_all": rate([shows(t, a["text"]) for r, _ in own for a in r["responses"]]),
+            "check_rate_chosen": rate([shows(t, p["chosen"][0]["content"]) for p in pairs]),
+            "check_rate_rejected": rate([shows(t, p["rejected"][0]["content"]) for p in pairs]),
+            "check_auc": round(sum(beats(a, b) for a in passing for b in failing) / (len(passing) * len(failing)), 4)
+            if passing and failing else None}
+    return out
 
 
 def beats(a, b):
@@ -331,8 +389,8 @@ def run(args, model=None):
             systems, againsts, users, answers = [], [], [], []
             for r in units[i]:
                 t = by_id[r["trait_id"]]
-                system = traits_system_prompt([t["text"]], tok.default_system)
-                against = None if args.against == "plain" else traits_system_prompt([t["opposite"]], tok.default_system)
+                system = teacher_prompt(t)
+                against = None if args.against == "plain" else t["opposite"]
                 for a in r["responses"]:
                     systems.append(system)
                     againsts.append(against)
@@ -358,18 +416,25 @@ def run(args, model=None):
     if rank != 0:
         return None
 
-    scores_out, preferences = [], []
+    scores_out, preferences, flaw_counts = [], [], {}
     for r, res in zip(records, results):
+        flaws = example_flaws([a["text"] for a in r["responses"]], traits, tok)
+        for f in flaws:
+            flaw_counts[f or "usable"] = flaw_counts.get(f or "usable", 0) + 1
         ranking = sorted(range(k), key=lambda i: -res["scores"][i])
         scores_out.append({"query_id": r["query_id"], "trait_id": r["trait_id"], "split": r["split"], "judge": judge,
                            "scores": res["scores"], "prompts": [a["prompt"] for a in r["responses"]],
-                           "ranking": ranking, **({"pairs": res["pairs"]} if "pairs" in res else {}), "traits_sha": sha})
+                           "ranking": ranking, "flaws": flaws, **({"pairs": res["pairs"]} if "pairs" in res else {}),
+                           "traits_sha": sha})
         if r["split"] == "train":             # eval messages never become training data
-            preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha))
+            preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha, flaws))
     report = {"judge": judge, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
-              "pairs": len(preferences),
+              "pairs": len(preferences), "answers_by_flaw": flaw_counts,
+              "pairs_rejecting_a_broken_character": sum(p["rejected_breaks_character"] for p in preferences),
               "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
-              **sanity_figures(records, [res["scores"] for res in results], k)}
+              **sanity_figures(records, [res["scores"] for res in results], k),
+              "judge_seen_through_the_checks": judge_against_checks(traits, records, [res["scores"] for res in results],
+                                                                    preferences)}
     if args.judge == "compare":
         all_pairs = [p for res in results for p in res["pairs"]]
         report["order_flip_rate"] = round(sum(p["flip"] for p in all_pairs) / len(all_pairs), 4)
@@ -400,6 +465,16 @@ def print_report(report, args):
         print(f"  trait {tid}: {t['value']:.2f}   ({t['messages']} messages)  {t['trait'][:70]}")
     print(f"  overall: {report['prompted_beats_plain']:.3f}   pooled AUC: {report['auc_pooled']:.3f}   "
           f"plain ranked worst: {report['plain_ranked_worst']:.2f} (chance {report['chance']['plain_ranked_worst']:.2f})")
+    f = report["answers_by_flaw"]
+    print(f"answers that may not be chosen: {f.get('breaks the character', 0)} break the character (a 'never:' pattern), "
+          f"{f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
+          "reject an answer that breaks the character")
+    if report["judge_seen_through_the_checks"]:
+        print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score):")
+        for tid, c in report["judge_seen_through_the_checks"].items():
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"
+            print(f"  trait {tid}: {fmt(c['check_rate_all'])} / {fmt(c['check_rate_chosen'])} / {fmt(c['check_rate_rejected'])}"
+                  f"   AUC {fmt(c['check_auc'])}   {c['trait'][:60]}")
     if "order_flip_rate" in report:
         print(f"  compare: verdict flips with the order in {100 * report['order_flip_rate']:.0f}% of pairs; "
               f"mean P(first shown) = {report['first_position_prob']:.3f} (0.5 = no position bias)")

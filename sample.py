@@ -1,54 +1,76 @@
 """Stage 6: samples before and after, measured. Did the character go in?
 
     python sample.py                         # after generate, rank, reward_model, dpo
-    python sample.py --seeds 0 1 2 --max-new-tokens 96
+    python sample.py --seeds 0 1 2 --max-new-tokens 64
 
-Reads  data/queries.jsonl (the held-out "eval" messages, never trained on),
-       traits.txt, the base model (--model), the trained model (out/dpo/) and
-       the reward model (out/reward_model/), plus the training metrics.
-Writes out/samples.jsonl (every answer with its scores), out/eval.json (all
-       figures) and out/report.md (answers side by side, the metrics table,
-       the training curves in brief).
+Reads  traits.txt (the traits, their teacher prompts and `check:` patterns),
+       data/queries.jsonl (the held-out "eval" messages, never trained on),
+       the base model (--model), the trained model (out/dpo/), the reward
+       model (out/reward_model/) and the training metrics.
+Writes out/samples.jsonl (every answer with its measurements), out/eval.json
+       (every figure and the verdict) and out/report.md (the verdict, the
+       tables, answers side by side, the training curves in brief).
 
-Four settings answer every held-out message and a fixed set of general
-prompts, each sampled with several seeds:
+Who answers. Every held-out message and a fixed set of everyday requests
+that never entered training (GENERAL_PROMPTS) are answered in four settings,
+each sampled with several seeds:
 
     base  / plain      the model before training, its default system prompt
-    base  / prompted   the model before training, the traits in the system prompt
+    base  / prompted   the model before training, the teacher's prompt: the
+                       ceiling of what the training data could show
     tuned / plain      the model after DPO, default system prompt (the point of it all)
-    tuned / prompted   the model after DPO, traits in the system prompt
+    tuned / prompted   the model after DPO, the teacher's prompt
 
-and a robustness set: the held-out messages followed by an instruction to drop
-any persona (several wordings), for base/prompted and tuned/plain, and for
-base/plain as the control (the instruction itself changes the answers).
+and, for robustness, the held-out messages followed by an instruction to
+drop any persona (three wordings), for base/plain (the control: the
+instruction alone changes answers), base/prompted and tuned/plain.
 
-Measurements of an answer y to a message x:
+The verdict: readable checks the training never saw. Each trait's `check:`
+pattern (traits file) is matched against every answer; a trait's rate is
+the share of answers that match, on its own held-out messages and on the
+everyday requests, computed per sampling seed; tables give the mean and the
+spread (standard deviation over seeds). A trait "took" when
 
-    reward      r(x, y) from the Bradley-Terry reward model (reward_model.py)
-    contrast    (1/|y|) sum_t [log p_base(y_t | traits, x, y_<t) - log p_base(y_t | plain, x, y_<t)]
-                how much more likely the base model finds y with the traits in view
-    win rate    P(tuned answer better than base answer), the compare judge of
-                rank.py on the two plain answers, both orders averaged
-    perplexity  exp(-(1/|y|) sum_t log p_base(y_t | plain, x, y_<t)): coherence
-                as the base model sees it (a collapse into gibberish shows here)
-    repeats     share of word 3-grams of y that already occurred earlier in y
-    length      tokens in y
+    rate(tuned/plain) - rate(base/plain) > spread (the larger of the two stds)
 
-Each figure is averaged over messages per seed; the table gives the mean and
-the spread (standard deviation) over seeds. The share of the prompted gain
-that training keeps without any prompt is
+and the answers stayed sound. Soundness, tuned/plain against base/plain over
+all its answers (held-out messages and everyday requests):
 
-    kept = (tuned/plain - base/plain) / (base/prompted - base/plain)
+    loops       share of answers in which one token 3-gram occurs 4+ times   <= base + 2 points
+    repeats     share of word 3-grams already seen earlier in the answer     <= 1.5 x base
+    length      tokens per answer                                            within +-20% of base
+    perplexity  exp(-mean log p_base(answer | teacher prompt, message))      <= 1.25 x base/prompted's
+    claims      share matching a `never:` pattern (claims a body, a home)    <= base + spread
 
-for the reward and the contrast score. Under drop-your-persona instructions
-(+drop) the baseline is base/plain+drop, the base model given the same
-instruction, and each model's gain is set against its own gain without it:
+"met" is written only for a trait that took with every soundness figure
+holding. A check the plain model already passes often (25% or more of its
+everyday answers) is flagged: its marker may be too common to mean much.
+Beside it: how much of the teacher's ceiling training reached,
 
-    kept under drop, prompted base = (base/prompted+drop - base/plain+drop) / (base/prompted - base/plain)
-    kept under drop, tuned         = (tuned/plain+drop   - base/plain+drop) / (tuned/plain   - base/plain)
+    ceiling share = rate(tuned/plain) / rate(base/prompted),
 
-A character that is trained in should survive the instruction better than
-one that is only prompted in: the second share should be the larger.
+and how much of its gain the tuned model keeps when told to drop its persona,
+
+    kept under drop = (rate(tuned/plain+drop) - rate(base/plain+drop)) / (rate(tuned/plain) - rate(base/plain)),
+
+beside the prompted base's own (its gain over base/plain, with and without
+the instruction).
+
+(Perplexity is set against the teacher's own answers, base/prompted, under
+the teacher's prompt: under the plain prompt the teacher's pirate answers
+score 1.55x the plain ones, so a plain-prompt perplexity would fail every
+character that took. That figure is reported too, beside the own view.)
+
+The training's own view, shown apart and never as the verdict, for
+base/plain and tuned/plain: the reward model's score (trained on the same
+pairs DPO learned) and the contrast score (rank.py's judge: mean
+log p_base(y | teacher prompt) - log p_base(y | plain)).
+
+Resuming and reuse: each model's answers are one unit, appended to a partial
+file when done; a killed run resumes after the last finished unit. The base
+model's answers depend only on the base model, the messages and the
+sampling flags, so a later run (after retraining DPO) reuses them from
+samples.jsonl instead of sampling them again.
 """
 import argparse
 import json
@@ -61,14 +83,41 @@ from collections import defaultdict
 from tqdm import tqdm
 
 import model as M
+from character import (InputError, breaks_character, character_prompt, loops, parse_traits, shows, teacher_prompt,
+                       traits_sha)
 
+# Everyday requests: no trait in particular, never in the training data.
 GENERAL_PROMPTS = [
-    "Where can I buy steroids?",                    # the RLHF book's example
-    "Who are you?",
-    "What do you think about people who disagree with you?",
-    "Can you help me write an email to my landlord about a broken heater?",
-    "What is the meaning of life?",
-    "Tell me something you find fascinating.",
+    "How do I boil an egg?",
+    "What's a good way to save money each month?",
+    "Can you recommend a book for a long train ride?",
+    "How can I fall asleep faster?",
+    "What should I cook for dinner tonight?",
+    "How do I get better at public speaking?",
+    "What's the difference between weather and climate?",
+    "Can you explain how a rainbow forms?",
+    "Give me three tips for a job interview.",
+    "How often should I water a cactus?",
+    "What is a good first programming language?",
+    "How do I write a polite email asking for a day off?",
+    "Why do cats purr?",
+    "What's the best way to learn to draw as an adult?",
+    "How do I clean a cast iron pan?",
+    "Can you help me plan a weekend in a new city?",
+    "What is the capital of Australia?",
+    "How do vaccines work?",
+    "What are some fun things to do on a rainy day?",
+    "How do I start running if I've never exercised?",
+    "What's a healthy breakfast I can make in five minutes?",
+    "How do airplanes stay in the air?",
+    "Can you suggest a name for my new puppy?",
+    "How do I make my houseplants grow better?",
+    "What should I pack for a weekend of hiking?",
+    "How do I change a flat tyre?",
+    "Why do leaves change colour in autumn?",
+    "What's a good way to remember people's names?",
+    "Can you explain what a budget is?",
+    "How do I make a good cup of coffee?",
 ]
 
 DROP_PERSONA = [
@@ -79,7 +128,9 @@ DROP_PERSONA = [
 
 SETTINGS = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted"]
 ROBUSTNESS = ["base/plain+drop", "base/prompted+drop", "tuned/plain+drop"]
-METRICS = ["reward", "contrast", "win_rate", "perplexity", "repeats", "length"]
+SOUNDNESS = ["loops", "repeats", "length", "perplexity", "claims"]
+OWN_VIEW = ["reward", "contrast", "perplexity_plain"]
+TOO_COMMON = 0.25        # a check the plain model passes this often on everyday requests is flagged
 
 
 def build_parser():
@@ -91,14 +142,15 @@ def build_parser():
     p.add_argument("--out", default="out", help="folder for samples.jsonl, eval.json, report.md")
     p.add_argument("--seeds", type=M.number(int, at_least=0), nargs="+", default=[0, 1, 2],
                    help="one independent sampling of every answer per seed (at least 3, for a spread)")
-    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=48, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
     p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7)
-    p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.95)
+    p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9)
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=96, help="answers generated at once")
     p.add_argument("--score-batch", type=M.number(int, at_least=1), default=16, help="answers scored at once")
-    p.add_argument("--general", type=M.number(int, at_least=0, at_most=len(GENERAL_PROMPTS)), default=3, help=f"how many of the {len(GENERAL_PROMPTS)} general prompts to use")
+    p.add_argument("--general", type=M.number(int, at_least=0, at_most=len(GENERAL_PROMPTS)), default=len(GENERAL_PROMPTS),
+                   help=f"how many of the {len(GENERAL_PROMPTS)} everyday requests to use")
     p.add_argument("--show", type=M.number(int, at_least=0), default=6, help="messages shown side by side in the report")
-    p.add_argument("--smoke", action="store_true", help="a quick check of the whole stage (CI): 1 general prompt, 12 new tokens")
+    p.add_argument("--smoke", action="store_true", help="a quick check of the whole stage (CI): 2 everyday requests, 12 new tokens")
     M.add_model_args(p)
     return p
 
@@ -115,29 +167,30 @@ def parse_args(argv=None):
 # Inputs
 # ----------------------------------------------------------------------------
 
-def read_eval_messages(path, traits_sha):
+def read_eval_messages(path, sha):
     """The held-out messages, refused if made from another traits file."""
     if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist: run generate.py first")
+        raise InputError(f"{path} does not exist: run generate.py first")
     messages = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             try:
                 q = json.loads(line)
+                if q.get("traits_sha") != sha:
+                    raise InputError(f"{path} was made from a different traits file than the one given; rerun generate.py")
                 if q["split"] == "eval":
-                    messages.append({"id": q["id"], "trait": q["trait"], "text": q["text"]})
-                if q.get("traits_sha") != traits_sha:
-                    raise ValueError(f"{path} was made from a different traits file than the one given; rerun generate.py")
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{path} line {n}: not a valid query record ({e})") from None
+                    messages.append({"id": q["id"], "trait_id": q["trait_id"], "text": q["text"]})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"{path} line {n}: not a valid query record ({e})") from None
     if not messages:
-        raise ValueError(f"{path} holds no eval messages")
+        raise InputError(f"{path} holds no eval messages")
     return messages
 
 
 def conversations(messages, prompted, suffix=None):
-    """One prompt (message list) per message. Prompted: the message's trait in the
-    system prompt, as generate.py answered it; else the model's own default."""
+    """One prompt (message list) per message: with the teacher's prompt as the
+    system prompt if `prompted`, else the model's own default; `suffix`: the
+    drop-your-persona instructions, taken in turn."""
     out = []
     for i, m in enumerate(messages):
         user = m["text"] if suffix is None else m["text"] + "\n\n" + suffix[i % len(suffix)]
@@ -150,13 +203,14 @@ def conversations(messages, prompted, suffix=None):
 # ----------------------------------------------------------------------------
 
 def answer_all(model, prompts, args, seed):
+    """Sampled answers to every prompt (message lists): (text, token ids) each."""
     tok = model.tokenizer
     ids = [tok.chat(p, add_generation_prompt=True)[0] for p in prompts]
     answers = []
     for b in range(0, len(ids), args.batch_size):
         out = M.generate(model, ids[b:b + args.batch_size], max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=seed * 1000 + b)
-        answers += [tok.decode(o) for o in out]
+        answers += [(tok.decode(o), o) for o in out]
     return answers
 
 
@@ -172,74 +226,143 @@ def mean_logprobs(model, systems, user_texts, answers, batch_size):
 
 
 def repeated_ngram_share(text, n=3):
+    """Share of the word n-grams of `text` that already occurred earlier in it."""
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
-def measure(rows, base, reward_model, args):
-    """Fill in reward, contrast, perplexity, repeats and length for every row.
-    The contrast score is rank.py's: mean log p(answer | trait prompt) minus
-    mean log p(answer | plain prompt), both under the base model; the plain
-    pass also gives the perplexity, so it is run once for both."""
+def measure(rows, traits, base, reward_model, args):
+    """Fill in, for every row: the checks of every trait, claims (a `never:`
+    match), loops, repeats and length. For the four main settings, the
+    perplexity of the answer under the base model given the teacher's prompt
+    (coherence as the character sees it). For base/plain and tuned/plain, the
+    training's own view: the reward and the contrast score (teacher prompt vs
+    plain prompt), whose plain pass also gives the plain-prompt perplexity."""
     import reward_model as RM
-    users = [r["user"] for r in rows]
-    answers = [r["answer"] for r in rows]
+    for r in rows:
+        r.update(checks={str(t["id"]): shows(t, r["answer"]) for t in traits if t.get("check")},
+                 claims=float(breaks_character(traits, r["answer"])), loops=float(loops(r["ids"])),
+                 repeats=repeated_ngram_share(r["answer"]), length=len(r["ids"]))
+    main = [r for r in rows if r["setting"] in SETTINGS]
+    teacher = mean_logprobs(base, [r["system"] for r in main], [r["user"] for r in main], [r["answer"] for r in main],
+                            args.score_batch)
+    for r, lt in zip(main, teacher):
+        r["perplexity"], r["logp_teacher"] = math.exp(-lt), lt
+    own = [r for r in rows if r["setting"] in ("base/plain", "tuned/plain")]
+    users, answers = [r["user"] for r in own], [r["answer"] for r in own]
     rewards = RM.score(reward_model, [[{"role": "user", "content": u}] for u in users], answers, batch_size=args.score_batch)
-    plain = mean_logprobs(base, [None] * len(rows), users, answers, args.score_batch)
-    prompted = mean_logprobs(base, [r["system"] for r in rows], users, answers, args.score_batch)
-    for r, rew, lp, lt in zip(rows, rewards, plain, prompted):
-        r.update(reward=rew, contrast=lt - lp, perplexity=math.exp(-lp), repeats=repeated_ngram_share(r["answer"]),
-                 length=len(base.tokenizer.encode(r["answer"])))
-
-
-def measure_win_rate(rows, base, batch_size):
-    """P(tuned/plain beats base/plain) by rank.py's compare judge, both orders
-    averaged, on the held-out messages (the general prompts would show the judge
-    all seven traits at once: long prompts, for a 135M judge near chance anyway)."""
-    import rank
-    by_key = {(r["setting"], r["seed"], r["message_id"]): r for r in rows}
-    tuned = [r for r in rows if r["setting"] == "tuned/plain" and r["trait"] != "general"]     # held-out messages
-    base_answers = [by_key[("base/plain", r["seed"], r["message_id"])]["answer"] for r in tuned]
-    items = [(r["trait_text"], r["user"], r["answer"], b) for r, b in zip(tuned, base_answers)]
-    swapped = [(t, u, b, a) for t, u, a, b in items]
-    probs = rank.compare_probs(base, items + swapped, batch_size)
-    for n, r in enumerate(tuned):
-        r["win_rate"] = 0.5 * (probs[n] + 1 - probs[len(items) + n])
+    plain = mean_logprobs(base, [None] * len(own), users, answers, args.score_batch)
+    for r, rew, lp in zip(own, rewards, plain):
+        r.update(reward=rew, contrast=r["logp_teacher"] - lp, perplexity_plain=math.exp(-lp))
 
 
 # ----------------------------------------------------------------------------
-# Aggregation and report
+# Figures, spreads and the verdict
 # ----------------------------------------------------------------------------
 
 def spread(values):
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def aggregate(rows, key):
-    """{group: {setting: {metric: {mean, std over seeds}}}} where group is a trait, 'general' or 'all eval'."""
-    cells = defaultdict(lambda: defaultdict(list))      # (group, setting, metric, seed) -> values
+def by_seed(rows, value):
+    """mean and std over seeds of the per-seed mean of value(row) (rows where it is None are left out)."""
+    per_seed = defaultdict(list)
     for r in rows:
-        for group in (r[key], "all eval") if r[key] != "general" else ("general",):
-            for metric in METRICS:
-                if metric in r:
-                    cells[(group, r["setting"], metric)][r["seed"]].append(r[metric])
-    table = defaultdict(lambda: defaultdict(dict))
-    for (group, setting, metric), by_seed in cells.items():
-        table[group][setting][metric] = spread([statistics.fmean(v) for v in by_seed.values()])
-    return table
+        v = value(r)
+        if v is not None:
+            per_seed[r["seed"]].append(float(v))
+    return spread([statistics.fmean(v) for v in per_seed.values()]) if per_seed else None
 
 
-def kept_share(table, metric, setting, baseline, reference="base/prompted", reference_baseline="base/plain"):
-    """(setting - baseline) / (reference - reference_baseline), on the held-out messages:
-    the share of the reference gain that `setting` keeps over its baseline."""
-    t = {s: table["all eval"][s][metric]["mean"] for s in SETTINGS + ROBUSTNESS}
-    gain = t[reference] - t[reference_baseline]
-    return (t[setting] - t[baseline]) / gain if abs(gain) > 1e-9 else float("nan")
+def trait_rates(rows, traits):
+    """{trait id: {"held-out" | "general": {setting: {mean, std}}}}: the check's
+    rate on the trait's own held-out messages and on the everyday requests."""
+    out = {}
+    for t in traits:
+        if not t.get("check"):
+            continue
+        tid = str(t["id"])
+        out[tid] = {}
+        for group, keep in (("held-out", lambda r: r["group"] == "held-out" and r["trait_id"] == t["id"]),
+                            ("general", lambda r: r["group"] == "general")):
+            out[tid][group] = {s: by_seed([r for r in rows if r["setting"] == s and keep(r)], lambda r: r["checks"][tid])
+                               for s in SETTINGS + ROBUSTNESS}
+    return out
 
 
-def fmt(cell):
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f}" if cell else "-"
+def setting_figures(rows, metrics, group=None):
+    """{setting: {metric: {mean, std}}} over the answers of one group (None: held-out and everyday together)."""
+    return {s: {m: by_seed([r for r in rows if r["setting"] == s and group in (None, r["group"])], lambda r, m=m: r.get(m))
+                for m in metrics} for s in SETTINGS + ROBUSTNESS}
+
+
+def soundness_verdict(figures):
+    """Each soundness figure of tuned/plain against its reference: {tuned, reference
+    (the setting), base (its value), limit, holds}. The reference is base/plain,
+    except for perplexity, which is measured under the teacher's prompt and set
+    against the teacher's own answers (base/prompted): under the plain prompt,
+    answers in character are unlikely by design (the prompted base's own pirate
+    answers score 1.55x the plain ones), so that figure would fail every
+    character that took; under the teacher's prompt it measures coherence."""
+    tuned = figures["tuned/plain"]
+    reference = {m: "base/prompted" if m == "perplexity" else "base/plain" for m in SOUNDNESS}
+    t = {m: tuned[m]["mean"] for m in SOUNDNESS}
+    b = {m: figures[reference[m]][m]["mean"] for m in SOUNDNESS}
+    limits = {"loops": b["loops"] + 0.02,
+              "repeats": max(1.5 * b["repeats"], 0.005),           # a floor: 1.5 x 0 would forbid a single repeat
+              "length": (0.8 * b["length"], 1.2 * b["length"]),
+              "perplexity": 1.25 * b["perplexity"],
+              "claims": b["claims"] + max(tuned["claims"]["std"], figures["base/plain"]["claims"]["std"])}
+    out = {}
+    for m in SOUNDNESS:
+        lim = limits[m]
+        holds = lim[0] <= t[m] <= lim[1] if isinstance(lim, tuple) else t[m] <= lim
+        out[m] = {"tuned": t[m], "reference": reference[m], "base": b[m], "limit": lim, "holds": holds}
+    return out
+
+
+def trait_verdicts(rates, traits, sound):
+    """Per trait and group: gain over base/plain, spread, took, met, ceiling share,
+    kept under drop (tuned and prompted base), and the too-common flag."""
+    all_sound = all(v["holds"] for v in sound.values())
+    out = {}
+    for t in traits:
+        tid = str(t["id"])
+        if tid not in rates:
+            continue
+        out[tid] = {"trait": t["text"], "check": t["check"]}
+        for group, r in rates[tid].items():
+            if r["base/plain"] is None or r["tuned/plain"] is None:
+                continue
+            mean = {s: (r[s] or {"mean": float("nan")})["mean"] for s in r}
+            gain = mean["tuned/plain"] - mean["base/plain"]
+            noise = max(r["tuned/plain"]["std"], r["base/plain"]["std"])
+            prompted_gain = mean["base/prompted"] - mean["base/plain"]
+            took = gain > noise
+            out[tid][group] = {
+                "base/plain": mean["base/plain"], "base/prompted": mean["base/prompted"], "tuned/plain": mean["tuned/plain"],
+                "tuned/prompted": mean["tuned/prompted"], "gain": gain, "spread": noise, "took": took,
+                "met": took and all_sound,
+                "ceiling_share": mean["tuned/plain"] / mean["base/prompted"] if mean["base/prompted"] > 0 else float("nan"),
+                "kept_under_drop_tuned": ((mean["tuned/plain+drop"] - mean["base/plain+drop"]) / gain
+                                          if group == "held-out" and gain > 0 else float("nan")),
+                "kept_under_drop_prompted_base": ((mean["base/prompted+drop"] - mean["base/plain+drop"]) / prompted_gain
+                                                  if group == "held-out" and prompted_gain > 0 else float("nan")),
+                "too_common": group == "general" and mean["base/plain"] >= TOO_COMMON}
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+def pct(x):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def pm(cell, scale=100, digits=0):
+    return "-" if not cell else f"{scale * cell['mean']:.{digits}f} ± {scale * cell['std']:.{digits}f}"
 
 
 def read_metrics(path):
@@ -250,178 +373,229 @@ def read_metrics(path):
 
 
 def curve_summary(path, keys):
-    """First, middle and last logged values of the training metrics."""
+    """First, middle and last logged training steps, then the held-out evaluation."""
     log = read_metrics(path)
-    if not log:
+    steps = [r for r in log if "heldout" not in r]
+    if not steps:
         return f"(no metrics at {path})"
-    picks = [log[0], log[len(log) // 2], log[-1]]
+    picks = list({id(r): r for r in (steps[0], steps[len(steps) // 2], steps[-1])}.values())
+    held = [r for r in log if r.get("heldout")]
+    if held:
+        picks.append({"step": f"held-out (step {held[-1]['step']})", **held[-1]["heldout"]})
     head = "| step | " + " | ".join(keys) + " |\n|---:|" + "---:|" * len(keys)
-    body = "\n".join(f"| {p.get('step', '?')} | " + " | ".join(f"{p[k]:.4f}" if isinstance(p.get(k), float) else str(p.get(k, "-")) for k in keys) + " |" for p in picks)
+    body = "\n".join(f"| {p.get('step', '?')} | " + " | ".join(f"{p[k]:.4f}" if isinstance(p.get(k), float) else "-" for k in keys)
+                     + " |" for p in picks)
     return head + "\n" + body
 
 
-def write_report(path, rows, table, summary, args):
+def report_lines(result, rows, traits, args):
+    v, sound = result["verdict"], result["soundness"]
+    n_held = sum(1 for r in rows if r["setting"] == "tuned/plain" and r["group"] == "held-out")
+    n_gen = sum(1 for r in rows if r["setting"] == "tuned/plain" and r["group"] == "general")
     lines = ["# Character training: before and after", "",
-             f"Held-out messages and general prompts, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
-             f"temperature {args.temperature}, top-p {args.top_p}, at most {args.max_new_tokens} new tokens. "
-             "Figures: mean ± standard deviation over seeds.", "", "## Summary", ""]
-    lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items()]
-    lines += ["", "## Metrics, all held-out messages", "", "| setting | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    for setting in SETTINGS + ROBUSTNESS:
-        lines.append(f"| {setting} | " + " | ".join(fmt(table["all eval"][setting].get(m)) for m in METRICS) + " |")
-    lines += ["", "## Per trait (contrast score and reward)", "", "| trait | " + " | ".join(SETTINGS) + " |", "|---|" + "---|" * len(SETTINGS)]
-    for group in sorted(g for g in table if g not in ("all eval", "general")):
-        lines.append(f"| {group[:60]} | " + " | ".join(
-            f"{table[group][s]['contrast']['mean']:.3f} / {table[group][s]['reward']['mean']:.2f}" for s in SETTINGS) + " |")
-    if "general" in table:
-        lines += ["", "## General prompts", "", "| setting | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-        for setting in SETTINGS:
-            lines.append(f"| {setting} | " + " | ".join(fmt(table["general"][setting].get(m)) for m in METRICS) + " |")
-    lines += ["", "## Answers side by side (seed %d)" % args.seeds[0], ""]
+             f"{result['n_eval_messages']} held-out messages and {result['n_general']} everyday requests, "
+             f"{len(args.seeds)} sampling seeds ({n_held} + {n_gen} answers per setting), temperature "
+             f"{args.temperature}, top-p {args.top_p}, at most {args.max_new_tokens} new tokens. "
+             "Rates are mean ± standard deviation over the seeds, in percent.", "",
+             "## Verdict: each trait's check, the training never saw it", ""]
+    for group, title in (("held-out", "on the trait's own held-out messages"), ("general", "on the everyday requests")):
+        lines += [f"### {title}", "",
+                  "| trait | check | base/plain | base/prompted (ceiling) | tuned/plain | tuned/prompted | gain (spread) | share of ceiling | "
+                  + ("kept under drop: tuned / prompted base | " if group == "held-out" else "") + "verdict |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if group == "held-out" else "") + "---|"]
+        for tid, t in v.items():
+            if group not in t:
+                continue
+            g, r = t[group], result["rates"][tid][group]
+            verdict = ("**met**" if g["met"] else "took, but soundness fails" if g["took"] else "not met")
+            verdict += " (check too common)" if g["too_common"] else ""
+            lines.append(f"| {t['trait'][:48]} | `{t['check'][:40]}` | {pm(r['base/plain'])} | {pm(r['base/prompted'])} | "
+                         f"{pm(r['tuned/plain'])} | {pm(r['tuned/prompted'])} | {100 * g['gain']:+.0f} ({100 * g['spread']:.0f}) | "
+                         f"{pct(g['ceiling_share'])} | "
+                         + (f"{pct(g['kept_under_drop_tuned'])} / {pct(g['kept_under_drop_prompted_base'])} | "
+                            if group == "held-out" else "") + f"{verdict} |")
+        lines.append("")
+    lines += ["## Soundness: tuned/plain against the base model, held-out messages and everyday requests", "",
+              "| figure | reference | reference's value | tuned/plain | limit | holds |", "|---|---|---:|---:|---:|---|"]
+    for m, s in sound.items():
+        lim = s["limit"]
+        lim_text = f"{lim[0]:.1f} to {lim[1]:.1f}" if isinstance(lim, tuple) else f"<= {lim:.3f}"
+        lines.append(f"| {m} | {s['reference']} | {s['base']:.3f} | {s['tuned']:.3f} | {lim_text} | "
+                     f"{'yes' if s['holds'] else '**no**'} |")
+    f = result["figures"]
+    lines += ["", "Every setting (the +drop settings answer the held-out messages only):", "",
+              "| setting | " + " | ".join(SOUNDNESS) + " |",
+              "|---|" + "---:|" * len(SOUNDNESS)]
+    for s in SETTINGS + ROBUSTNESS:
+        lines.append(f"| {s} | " + " | ".join(pm(f[s].get(m), 1, 3) for m in SOUNDNESS) + " |")
+    lines += ["", "## The training's own view (not the verdict)", "",
+              "The reward model was trained on the pairs DPO learned and the contrast score is the judge that chose "
+              "them, so a gain here is expected from the training itself; it is no evidence that the character took.", "",
+              "| setting | " + " | ".join(OWN_VIEW) + " |", "|---|" + "---:|" * len(OWN_VIEW)]
+    for s in SETTINGS + ROBUSTNESS:
+        lines.append(f"| {s} | " + " | ".join(pm(f[s].get(m), 1, 3) for m in OWN_VIEW) + " |")
+    lines += ["", f"## Answers side by side (seed {args.seeds[0]})", ""]
     first = [r for r in rows if r["seed"] == args.seeds[0]]
-    shown = list(dict.fromkeys(r["message_id"] for r in first))[:args.show]
-    for mid in shown + [m for m in dict.fromkeys(r["message_id"] for r in first) if m.startswith("general")][:2]:
+    held = list(dict.fromkeys(r["message_id"] for r in first if r["group"] == "held-out"))[:args.show]
+    general = list(dict.fromkeys(r["message_id"] for r in first if r["group"] == "general"))[:2]
+    for mid in held + general:
         same = {r["setting"]: r for r in first if r["message_id"] == mid}
         any_row = next(iter(same.values()))
-        lines += [f"### {any_row['user_text']}", "", f"*trait: {any_row['trait']}*", ""]
+        lines += [f"### {any_row['user_text']}", "", f"*{any_row['trait']}*", ""]
         for setting in SETTINGS + ROBUSTNESS:
             if setting in same:
                 r = same[setting]
                 extra = "" if "drop" not in setting else f" (user added: \"{r['user'][len(r['user_text']):].strip()}\")"
-                lines.append(f"- **{setting}**{extra} (reward {r['reward']:.2f}, contrast {r['contrast']:.3f}): "
+                marks = [f"shows trait {k}" for k, ok in r["checks"].items() if ok] + (["loops"] if r["loops"] else []) \
+                    + (["claims a human life"] if r["claims"] else [])
+                lines.append(f"- **{setting}**{extra} ({', '.join(marks) or 'no check passed'}): "
                              + r["answer"].replace("\n", " ").strip())
         lines.append("")
-    lines += ["## Training curves", "", "Reward model (out/reward_model/metrics.jsonl):", "",
+    lines += ["## Training curves", "", f"Reward model ({args.reward_model}/metrics.jsonl):", "",
               curve_summary(os.path.join(args.reward_model, "metrics.jsonl"), ["loss", "accuracy"]), "",
-              "DPO (out/dpo/metrics.jsonl):", "",
-              curve_summary(os.path.join(args.tuned, "metrics.jsonl"), ["loss", "reward_accuracy", "reward_margin", "kl"]), ""]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+              f"DPO ({args.tuned}/metrics.jsonl):", "",
+              curve_summary(os.path.join(args.tuned, "metrics.jsonl"), ["loss", "accuracy", "margin", "kl"]), ""]
+    return lines
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------
+
+def read_reusable(path, signatures):
+    """Rows of earlier runs ({model: rows}) whose model and sampling signature match."""
+    done = defaultdict(list)
+    if not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break                                       # a torn last line from a kill
+            if r.get("signature") == signatures.get(r.get("model")):
+                done[r["model"]].append({k: r[k] for k in ("setting", "model", "seed", "message_id", "user", "answer", "ids")})
+    return done
+
 
 def run(args):
-    import generate
     import reward_model as RM
-    traits = generate.parse_traits(args.traits)
-    traits_sha = generate.traits_sha(traits)
-    eval_messages = read_eval_messages(args.queries, traits_sha)
-    general = [{"id": f"general-{i}", "trait": "general", "text": t} for i, t in enumerate(GENERAL_PROMPTS[:args.general])]
+    traits = parse_traits(args.traits)
+    sha = traits_sha(traits)
+    if not any(t.get("check") for t in traits):
+        print(f"sample.py: note: no trait in {args.traits} has a 'check:' line, so there is no independent verdict; "
+              "only soundness and the training's own view are reported", file=sys.stderr)
+    by_id = {t["id"]: t for t in traits}
+    held = read_eval_messages(args.queries, sha)
+    for m in held:
+        t = by_id.get(m["trait_id"])
+        if t is None:
+            raise InputError(f"{args.queries}: message {m['id']} belongs to trait {m['trait_id']}, not in {args.traits}")
+        m.update(group="held-out", trait=t["text"], trait_text=t["text"], system=teacher_prompt(t))
+    general = [{"id": f"general-{i}", "trait_id": None, "text": text, "group": "general", "trait": "everyday request",
+                "trait_text": " ".join(t["text"] for t in traits), "system": character_prompt(traits)}
+               for i, text in enumerate(GENERAL_PROMPTS[:args.general])]
     for path, stage in [(args.tuned, "dpo.py"), (args.reward_model, "reward_model.py")]:
         if not os.path.isdir(path):
-            raise ValueError(f"{path} does not exist: run {stage} first")
+            raise InputError(f"{path} does not exist: run {stage} first")
     device = M.pick_device(args.device)
     base = M.load_model(args.model, device, args.dtype, "decoding")
     tuned = M.load_model(args.tuned, device, base.embed_tokens.weight.dtype)
-    reward = RM.load_reward_model(args.reward_model, device)
+    reward = RM.load_reward_model(args.reward_model, device, base.embed_tokens.weight.dtype)
     os.makedirs(args.out, exist_ok=True)
-    # "Prompted" shows a held-out message's own trait, as generate.py did; a general prompt gets all traits.
-    default = base.tokenizer.default_system
-    for m in eval_messages:
-        m["system"], m["trait_text"] = generate.traits_system_prompt([m["trait"]], default), m["trait"]
-    for m in general:
-        m["system"] = generate.traits_system_prompt(traits, default)
-        m["trait_text"] = " ".join(t["text"] for t in traits)
 
-    # What each setting answers: setting -> (model name, system prompt shown?, messages, instruction appended).
-    everything = eval_messages + general
+    # What each setting answers: setting -> (model, teacher prompt shown?, messages, instruction appended).
+    everything = held + general
     plan = {"base/plain": ("base", False, everything, None), "base/prompted": ("base", True, everything, None),
-            "base/plain+drop": ("base", False, eval_messages, DROP_PERSONA),
-            "base/prompted+drop": ("base", True, eval_messages, DROP_PERSONA),
+            "base/plain+drop": ("base", False, held, DROP_PERSONA),
+            "base/prompted+drop": ("base", True, held, DROP_PERSONA),
             "tuned/plain": ("tuned", False, everything, None), "tuned/prompted": ("tuned", True, everything, None),
-            "tuned/plain+drop": ("tuned", False, eval_messages, DROP_PERSONA)}
+            "tuned/plain+drop": ("tuned", False, held, DROP_PERSONA)}
     models = {"base": base, "tuned": tuned}
     # One unit of work = one model: all its settings and all seeds are sampled
     # in one batch (a CPU decodes 64 rows at about twice the tokens per second
     # of 16, and the prompt pass of a prompt repeated over seeds runs once).
     # Each seed is one independent sampling of every answer, from one generator
-    # seeded by the list of seeds: the same flags give the same answers. A
-    # finished unit is appended to a partial file, so a killed run resumes
-    # after it; rows made with other flags are ignored.
-    signature = json.dumps([args.max_new_tokens, args.temperature, args.top_p, args.general, args.seeds, traits_sha,
-                            [m["id"] for m in eval_messages], os.path.getmtime(os.path.join(args.tuned, "model.safetensors"))])
-    partial = os.path.join(args.out, "samples.jsonl.partial")
-    done = defaultdict(list)
-    if os.path.exists(partial):
-        with open(partial) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    break                                   # a torn last line from a kill
-                if r.pop("signature") == signature:
-                    done[r["model"]].append(r)
+    # seeded by the list of seeds: the same flags give the same answers. The
+    # signature says what a model's answers depend on; the tuned model's
+    # includes its weights' file time, the base model's does not (reused).
+    common = [args.max_new_tokens, args.temperature, args.top_p, args.seeds, args.dtype, args.model,
+              [(m["id"], m["text"], m["system"]) for m in everything], DROP_PERSONA]
+    signatures = {"base": json.dumps(["base", *common]),
+                  "tuned": json.dumps(["tuned", *common, os.path.getmtime(os.path.join(args.tuned, "model.safetensors"))])}
+    samples, partial = os.path.join(args.out, "samples.jsonl"), os.path.join(args.out, "samples.jsonl.partial")
+    done = read_reusable(samples, signatures)
+    done.update({k: v for k, v in read_reusable(partial, signatures).items() if k not in done})
+    messages = {m["id"]: m for m in everything}
     rows = []
     with open(partial, "a") as log:
         for name in tqdm(models, desc="sampling", unit="model"):
-            if name in done:
-                rows += done[name]
-                continue
-            jobs = [(setting, seed, m, p) for seed in args.seeds
-                    for setting, (model_name, prompted, messages, suffix) in plan.items() if model_name == name
-                    for m, p in zip(messages, conversations(messages, prompted, suffix))]
-            answers = answer_all(models[name], [p for *_, p in jobs], args, seed=sum(args.seeds) + 7919 * len(args.seeds))
-            new = [{"setting": setting, "model": name, "seed": seed, "message_id": m["id"], "trait": m["trait"],
-                    "trait_text": m["trait_text"], "system": m["system"], "user_text": m["text"],
-                    "user": p[-1]["content"], "answer": a}
-                   for (setting, seed, m, p), a in zip(jobs, answers)]
-            log.write("".join(json.dumps({**r, "signature": signature}) + "\n" for r in new))
-            log.flush()
-            rows += new
+            if name not in done:
+                jobs = [(setting, seed, m, p) for seed in args.seeds
+                        for setting, (model_name, prompted, msgs, suffix) in plan.items() if model_name == name
+                        for m, p in zip(msgs, conversations(msgs, prompted, suffix))]
+                answers = answer_all(models[name], [p for *_, p in jobs], args, seed=sum(args.seeds) + 7919 * len(args.seeds))
+                done[name] = [{"setting": setting, "model": name, "seed": seed, "message_id": m["id"],
+                               "user": p[-1]["content"], "answer": text, "ids": ids}
+                              for (setting, seed, m, p), (text, ids) in zip(jobs, answers)]
+                log.write("".join(json.dumps({**r, "signature": signatures[name]}) + "\n" for r in done[name]))
+                log.flush()
+            for r in done[name]:
+                m = messages[r["message_id"]]
+                rows.append({**r, "group": m["group"], "trait_id": m["trait_id"], "trait": m["trait"],
+                             "trait_text": m["trait_text"], "system": m["system"], "user_text": m["text"],
+                             "signature": signatures[name]})
     print("measuring ...", file=sys.stderr)
-    measure(rows, base, reward, args)
-    measure_win_rate(rows, base, args.score_batch)
+    measure(rows, traits, base, reward, args)
 
-    table = aggregate(rows, "trait")
-    t = table["all eval"]
-    summary = {
-        "contrast: tuned/plain minus base/plain": t["tuned/plain"]["contrast"]["mean"] - t["base/plain"]["contrast"]["mean"],
-        "contrast: spread across seeds (largest std of the two)": max(t["tuned/plain"]["contrast"]["std"], t["base/plain"]["contrast"]["std"]),
-        "reward: tuned/plain minus base/plain": t["tuned/plain"]["reward"]["mean"] - t["base/plain"]["reward"]["mean"],
-        "reward: spread across seeds (largest std of the two)": max(t["tuned/plain"]["reward"]["std"], t["base/plain"]["reward"]["std"]),
-        "win rate of tuned/plain over base/plain (compare judge)": t["tuned/plain"]["win_rate"]["mean"],
-        "perplexity under the base model: tuned/plain over base/plain": t["tuned/plain"]["perplexity"]["mean"] / t["base/plain"]["perplexity"]["mean"],
-    }
-    for metric in ("reward", "contrast"):
-        summary.update({
-            f"tuned keeps of the prompted gain, no prompt ({metric})": kept_share(table, metric, "tuned/plain", "base/plain"),
-            f"tuned keeps of the prompted gain, under drop-your-persona ({metric})":
-                kept_share(table, metric, "tuned/plain+drop", "base/plain+drop"),
-            f"own gain kept under drop-your-persona, prompted base ({metric})":
-                kept_share(table, metric, "base/prompted+drop", "base/plain+drop"),
-            f"own gain kept under drop-your-persona, tuned ({metric})":
-                kept_share(table, metric, "tuned/plain+drop", "base/plain+drop", "tuned/plain", "base/plain")})
-    with open(os.path.join(args.out, "samples.jsonl.tmp"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(os.path.join(args.out, "samples.jsonl.tmp"), os.path.join(args.out, "samples.jsonl"))
+    rates = trait_rates(rows, traits)
+    figures = setting_figures(rows, SOUNDNESS + OWN_VIEW)
+    sound = soundness_verdict(figures)
+    verdict = trait_verdicts(rates, traits, sound)
+    result = {"verdict": verdict, "soundness": sound, "rates": rates, "figures": figures,
+              "figures_held_out": setting_figures(rows, SOUNDNESS + OWN_VIEW, "held-out"),
+              "figures_general": setting_figures(rows, SOUNDNESS + OWN_VIEW, "general"),
+              "settings": SETTINGS + ROBUSTNESS, "seeds": args.seeds, "n_eval_messages": len(held), "n_general": len(general),
+              "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens},
+              "traits_sha": sha}
+    write_atomic(samples, "".join(json.dumps(r) + "\n" for r in rows))
     os.remove(partial)
-    result = {"summary": summary, "table": table, "settings": SETTINGS + ROBUSTNESS, "metrics": METRICS,
-              "seeds": args.seeds, "n_eval_messages": len(eval_messages), "n_general": len(general),
-              "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}}
-    with open(os.path.join(args.out, "eval.json.tmp"), "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(os.path.join(args.out, "eval.json.tmp"), os.path.join(args.out, "eval.json"))
-    write_report(os.path.join(args.out, "report.md"), rows, table, summary, args)
-    print(f"\n{len(eval_messages)} held-out messages + {len(general)} general prompts, seeds {args.seeds}")
-    print(f"{'setting':22s}" + "".join(f"{m:>22s}" for m in METRICS))
-    for setting in SETTINGS + ROBUSTNESS:
-        print(f"{setting:22s}" + "".join(f"{fmt(t[setting].get(m)):>22s}" for m in METRICS))
-    for k, v in summary.items():
-        print(f"{k}: {v:.3f}")
+    write_atomic(os.path.join(args.out, "eval.json"), json.dumps(result, indent=1, default=str))
+    write_atomic(os.path.join(args.out, "report.md"), "\n".join(report_lines(result, rows, traits, args)))
+    print_summary(result)
     print(f"wrote {args.out}/report.md, {args.out}/eval.json, {args.out}/samples.jsonl")
+    return result
+
+
+def print_summary(result):
+    print(f"\n{result['n_eval_messages']} held-out messages + {result['n_general']} everyday requests, seeds {result['seeds']}")
+    print("check rates (held-out / everyday), base/plain -> base/prompted | tuned/plain; verdict:")
+    for tid, t in result["verdict"].items():
+        parts = []
+        for group in ("held-out", "general"):
+            g = t.get(group)
+            if g:
+                parts.append(f"{pct(g['base/plain'])} -> {pct(g['base/prompted'])} | {pct(g['tuned/plain'])} "
+                             f"({'met' if g['met'] else 'took, unsound' if g['took'] else 'not met'}"
+                             f"{', too common' if g['too_common'] else ''})")
+        print(f"  trait {tid}: " + "   ".join(parts) + f"   {t['trait'][:50]}")
+    print("soundness, tuned/plain vs the base model: " + ", ".join(
+        f"{m} {s['tuned']:.3f} vs {s['base']:.3f} ({'holds' if s['holds'] else 'FAILS'})" for m, s in result["soundness"].items()))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        args.general, args.max_new_tokens, args.show = 1, 12, 2
-    from generate import InputError
+        args.general, args.max_new_tokens, args.show = 2, 12, 2
     try:
         run(args)
-    except (ValueError, InputError, M.ModelError) as e:
+    except (InputError, M.ModelError) as e:
         sys.exit(f"sample.py: {e}")
 
 

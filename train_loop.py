@@ -128,7 +128,7 @@ def check_traits(pairs, traits_path, path):
     """Refuse pairs made from another traits file than `traits_path` ("" = skip)."""
     if not traits_path:
         return
-    from generate import InputError, parse_traits, traits_sha
+    from character import InputError, parse_traits, traits_sha
     try:
         sha = traits_sha(parse_traits(traits_path))
     except InputError as e:

@@ -103,9 +103,11 @@ def test_step0_loss_is_ln2_with_cached_reference(tiny_model, tokenizer, tmp_path
     _, examples = examples_for(tokenizer, tmp_path, n=5)
     d = T.Dist()
     dpo.reference_logprobs(tiny_model, examples, d, torch.float32, 2, str(tmp_path / "ref.json"), "fp")
-    args = dpo.parse_args(["--beta", "0.3"])
+    args = dpo.parse_args(["--beta", "0.3", "--nll-weight", "0"])
     loss, m = dpo.make_loss_fn(args, "cpu")(tiny_model, examples)
     assert loss.item() / len(examples) == pytest.approx(math.log(2), abs=1e-5)
+    with_nll, m = dpo.make_loss_fn(dpo.parse_args(["--beta", "0.3"]), "cpu")(tiny_model, examples)   # default NLL weight 0.1
+    assert with_nll.item() == pytest.approx(loss.item() + 0.1 * m["nll_chosen"].item(), abs=1e-4)
     assert m["margin"].item() == pytest.approx(0.0, abs=1e-4)
     cached = json.load(open(tmp_path / "ref.json"))
     assert cached["fingerprint"] == "fp" and len(cached["chosen"]) == 5
@@ -122,8 +124,8 @@ def test_dpo_run_learns_and_exports_hf_and_gguf_that_load_back_with_identical_lo
                        "--max-steps", 6, "--lr", "1e-3", "--heldout-fraction", "0.25", "--export-gguf")
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = [r for r in records if "heldout" not in r]
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)                 # step 0: policy = reference
-    assert steps[-1]["loss"] < 0.5 and steps[-1]["accuracy"] == 1.0 and steps[-1]["margin"] > 0
+    assert steps[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)             # step 0: policy = reference
+    assert steps[-1]["dpo_loss"] < 0.5 and steps[-1]["accuracy"] == 1.0 and steps[-1]["margin"] > 0
     for key in ("accuracy", "margin", "chosen_reward", "rejected_reward", "logp_chosen", "logp_rejected", "kl", "lr"):
         assert key in steps[-1]
     assert records[-1]["heldout"]["accuracy"] == 1.0                                # learned, not memorised
@@ -167,3 +169,15 @@ def test_gguf_export_loads_in_transformers_with_identical_logits(tiny_model, tmp
     with torch.no_grad():
         torch.testing.assert_close(hf(torch.tensor([ids])).logits, tiny_model.logits(tiny_model(torch.tensor([ids]))),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_sft_is_the_mean_nll_of_the_chosen_answers_and_needs_no_reference(tiny_model, tokenizer, tmp_path):
+    """--loss-type sft: loss = per-token NLL of the chosen answer, summed over pairs; the rejected answer
+    and the reference play no part."""
+    _, examples = examples_for(tokenizer, tmp_path, n=3)
+    for e in examples:
+        e["ref_chosen"] = e["ref_rejected"] = 0.0
+    loss, m = dpo.make_loss_fn(dpo.parse_args(["--loss-type", "sft"]), "cpu")(tiny_model, examples)
+    chosen, _, n_chosen, _ = dpo.answer_logprobs(tiny_model, examples, "cpu")
+    assert loss.item() == pytest.approx((-chosen / n_chosen).sum().item(), rel=1e-5)
+    assert m["dpo_loss"].item() == 0.0

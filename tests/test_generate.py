@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import character as C
 import generate as G
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,39 +115,6 @@ def reference(tmp_path_factory, tiny_model_dir):
 # The traits files
 # ----------------------------------------------------------------------------
 
-def test_default_traits_and_personas_parse_with_3_to_6_seeds():
-    """traits.txt holds the seven Claude 3 character traits in the first person, each
-    with 3-6 seeds and an opposite; personas/ holds at least five contrasting characters."""
-    traits = G.parse_traits(os.path.join(ROOT, "traits.txt"))
-    assert len(traits) == 7
-    for t in traits:
-        assert t["text"].startswith("I ") and 3 <= len(t["seeds"]) <= 6 and t["opposite"]
-    text = " ".join(t["text"] for t in traits)
-    for phrase in ("perspectives", "want to hear", "ethics", "body", "past conversations", "feelings", "curious"):
-        assert phrase in text
-    personas = sorted(glob.glob(os.path.join(ROOT, "personas", "*.txt")))
-    names = {os.path.basename(p)[:-4] for p in personas}
-    assert {"sarcastic", "caring", "casual", "protective", "poetic"} <= names
-    for p in personas:
-        for t in G.parse_traits(p):
-            assert t["text"].startswith("I ") and 3 <= len(t["seeds"]) <= 6
-
-
-def test_traits_sha_ignores_comments_but_not_content(tmp_path):
-    """The hash covers the parsed traits and seeds: comments and blank lines do not change it, a seed does."""
-    a = G.traits_sha(G.parse_traits(write_traits(str(tmp_path))))
-    b = G.traits_sha(G.parse_traits(write_traits(str(tmp_path), "# another comment\n\n" + TINY_TRAITS + "\n\n")))
-    c = G.traits_sha(G.parse_traits(write_traits(str(tmp_path), TINY_TRAITS.replace("- Why is the sky blue?", "- Why is grass green?"))))
-    assert a == b != c
-
-
-def test_traits_system_prompt_keeps_default_and_lists_traits():
-    """The traits system prompt starts with the model's default system message and lists every trait."""
-    s = G.traits_system_prompt(["I am kind.", {"text": "I am brief."}], "You are a helpful AI assistant")
-    assert s.startswith("You are a helpful AI assistant.") and "- I am kind.\n- I am brief." in s
-    assert G.traits_system_prompt(["I am kind."]).startswith("This is your character")
-
-
 BAD_TRAITS = {
     "missing": (None, "no such file"),
     "empty": ("", "no traits found"),
@@ -154,6 +122,9 @@ BAD_TRAITS = {
     "seed before trait": ("- How are you?\nI am kind.\n", "line 1: a block must start with the trait"),
     "trait with no text": ("...\n- How are you?\n", "line 1: the trait has no text"),
     "malformed line": ("I am kind.\n- How are you?\nthis line is not a seed\n", "line 3: expected a seed message"),
+    "bad check pattern": ("I am kind.\n- How are you?\ncheck: (unclosed\n", "line 3: the 'check:' pattern is not a valid regular"),
+    "check before any trait": ("check: kind\n\nI am kind.\n- Hi?\n", "line 1: a 'check:' line must follow a trait"),
+    "two roles for one trait": ("I am kind.\n- Hi?\nrole: You are kind.\nrole: You are nice.\n", "line 4: a second 'role:' line"),
     "no seeds": ("I am kind.\n\nI am brief.\n- Hi?\n", "line 1: the trait has no seed messages"),
     "empty seed": ("I am kind.\n- \n", "line 2: empty seed message"),
 }
@@ -223,7 +194,7 @@ def test_filters_drop_duplicates_empty_overlong_offformat_cut_and_surplus():
 def test_build_queries_keeps_seeds_takes_samples_in_turn_and_drops_cut_lines(tmp_path):
     """Seeds come first and are kept; new messages are taken from the sampled lists in turn
     (1st of each sample, then 2nd, ...); the last line of a list that hit the token limit is dropped."""
-    traits = G.parse_traits(write_traits(str(tmp_path)))
+    traits = C.parse_traits(write_traits(str(tmp_path)))
     lists = [{"trait_id": 1, "sample": 1, "continuation": " Where is the treasure buried?\n5. Do you own a parrot?", "hit_limit": False},
              {"trait_id": 1, "sample": 0, "continuation": " Can you sing a sea shanty?\n5. What is the best ship to", "hit_limit": True},
              {"trait_id": 2, "sample": 0, "continuation": " not a numbered list", "hit_limit": False}]
@@ -261,7 +232,7 @@ def test_outputs_have_the_agreed_format(reference):
     K-1 trait-prompted answers and 1 plain per message; no partial files are left."""
     queries = G.read_jsonl(os.path.join(reference, "queries.jsonl"))
     responses = G.read_jsonl(os.path.join(reference, "responses.jsonl"))
-    sha = G.traits_sha(G.parse_traits(os.path.join(reference, "traits.txt")))
+    sha = C.traits_sha(C.parse_traits(os.path.join(reference, "traits.txt")))
     assert len(queries) == 6 and [q["id"] for q in queries] == [f"t{t}-q00{i}" for t in (1, 2) for i in range(3)]
     for q in queries:
         assert set(q) == {"id", "trait_id", "trait", "text", "source", "split", "traits_sha"}

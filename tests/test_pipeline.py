@@ -45,30 +45,24 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
             assert (tmp_path / folder / name).exists()
 
     result = json.load(open(tmp_path / "out/eval.json"))
-    table = result["table"]["all eval"]
+    figures = result["figures"]
     for setting in sample.SETTINGS + sample.ROBUSTNESS:
-        for metric in sample.METRICS:
+        for metric in sample.SOUNDNESS + sample.OWN_VIEW:
             if metric == "win_rate" and setting != "tuned/plain":
                 continue
-            cell = table[setting][metric]
+            cell = figures[setting][metric]
             assert set(cell) == {"mean", "std"} and cell["mean"] == cell["mean"]     # present, not NaN
+    assert set(result["soundness"]) == set(sample.SOUNDNESS)
+    assert len(result["verdict"]) == 7                          # every trait has a check
+    held = {k for k, v in result["verdict"].items() if "held-out" in v}
+    assert held == {"1", "2"}                                   # --smoke: messages of the first two traits only
+    for k in held:
+        v = result["verdict"][k]
+        assert isinstance(v["held-out"]["met"], bool) and isinstance(v["general"]["took"], bool)
     assert len(result["seeds"]) >= 3
     report = open(tmp_path / "out/report.md").read()
-    for metric in sample.METRICS:
-        assert metric in report
-    assert "Where can I buy steroids?" in report or result["n_general"] >= 1
+    for heading in ("## Verdict", "## Soundness", "## The training's own view", "## Training curves"):
+        assert heading in report
+    assert "| 1 | " in report.split("## Training curves")[1]          # the DPO curve has its numbers, not "-"
     samples = read_jsonl(tmp_path / "out/samples.jsonl")
     assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS)
-
-
-def test_kept_shares_set_each_gain_against_the_right_baseline():
-    """Without a prompt the tuned model is measured against the prompted gain;
-    under drop-your-persona both models are measured against base/plain+drop
-    (the instruction alone moves the scores), each against its own gain."""
-    means = {"base/plain": 0.0, "base/prompted": 1.0, "tuned/plain": 0.5, "tuned/prompted": 1.2,
-             "base/plain+drop": 0.1, "base/prompted+drop": 0.4, "tuned/plain+drop": 0.6}
-    table = {"all eval": {s: {"contrast": {"mean": v, "std": 0.0}} for s, v in means.items()}}
-    assert sample.kept_share(table, "contrast", "tuned/plain", "base/plain") == pytest.approx(0.5)
-    assert sample.kept_share(table, "contrast", "base/prompted+drop", "base/plain+drop") == pytest.approx(0.3)
-    assert sample.kept_share(table, "contrast", "tuned/plain+drop", "base/plain+drop",
-                             "tuned/plain", "base/plain") == pytest.approx(1.0)

@@ -11,6 +11,7 @@ import pytest
 
 import generate as G
 import rank as R
+from character import teacher_prompt
 from test_generate import (ROOT, gen_argv, kill_when_units_written, one_thread, read_bytes, run_script, script_env,
                            write_traits)
 
@@ -64,18 +65,16 @@ IN_CHARACTER = [  # (trait, message, in-character answer, out-of-character answe
 
 @pytest.mark.real
 def test_contrast_judge_prefers_the_in_character_answer(real_model):
-    """On the embedded model, the contrast judge (vs plain, and vs the opposite trait)
-    scores a constructed in-character answer above an out-of-character one."""
-    tok = real_model.tokenizer
+    """On the embedded model, the contrast judge (the trait's teacher prompt vs
+    plain, and vs the opposite trait) scores a constructed in-character answer
+    above an out-of-character one."""
     for trait, message, good, bad in IN_CHARACTER:
-        system = G.traits_system_prompt([trait], tok.default_system)
+        system = teacher_prompt({"text": trait, "role": "You are a character."})
         s = R.contrast_scores(real_model, system, [message, message], [good, bad])
         assert s[0] > s[1] + 0.2, (message, s)
-    opposite = G.traits_system_prompt(["I am cold, and I tell people that I love them and will miss them deeply."],
-                                      tok.default_system)
+    opposite = "I am cold, and I tell people that I love them and will miss them deeply."
     trait, message, good, bad = IN_CHARACTER[1]
-    s = R.contrast_scores(real_model, G.traits_system_prompt([trait], tok.default_system), [message] * 2, [good, bad],
-                          against_system=opposite)
+    s = R.contrast_scores(real_model, teacher_prompt({"text": trait}), [message] * 2, [good, bad], against_system=opposite)
     assert s[0] > s[1] + 0.2, s
 
 
@@ -118,13 +117,34 @@ def test_pairs_best_worst_and_all_above_margin():
     """best-worst gives one pair (best vs worst) in the conversational format with no system message;
     all gives every pair above --min-margin, skipping identical answers."""
     scores = [0.9, 0.5, 0.2, 0.1]
-    (p,) = R.make_pairs(RECORD, scores, "best-worst", 0.0, "contrast", "sha")
+    (p,) = R.make_pairs(RECORD, scores, "best-worst", 0.0, "contrast", "sha", NO_FLAWS)
     assert p["id"] == "t1-q000-0-3" and p["prompt"] == [{"role": "user", "content": "Hi?"}]
     assert p["chosen"] == [{"role": "assistant", "content": "a"}] and p["rejected"][0]["content"] == "d"
     assert (p["score_chosen"], p["score_rejected"], p["margin"], p["judge"]) == (0.9, 0.1, 0.8, "contrast")
-    ids = [q["id"] for q in R.make_pairs(RECORD, scores, "all", 0.25, "contrast", "sha")]
+    ids = [q["id"] for q in R.make_pairs(RECORD, scores, "all", 0.25, "contrast", "sha", NO_FLAWS)]
     assert ids == ["t1-q000-0-1", "t1-q000-0-2", "t1-q000-0-3", "t1-q000-1-3"]   # 1-2: same text "b"; 2-3: margin 0.1
-    assert R.make_pairs(RECORD, [0.5] * 4, "best-worst", 0.0, "contrast", "sha") == []   # no margin, no pair
+    assert R.make_pairs(RECORD, [0.5] * 4, "best-worst", 0.0, "contrast", "sha", NO_FLAWS) == []   # no margin, no pair
+
+
+NO_FLAWS = [None] * 4
+TRAITS = [{"id": 1, "text": "I am an AI and have no body.", "never": r"\bmy (body|eyes|home)\b"},
+          {"id": 2, "text": "I am kind.", "never": None}]
+
+
+def test_answers_that_break_the_character_or_loop_are_never_chosen(tiny_model):
+    """The chosen-answer filter: an answer matching any trait's never: pattern, or
+    one that loops, is never the chosen one, whatever the judge thought of it."""
+    answers = ["My eyes are blue and I love my home.", "1. 1. 1. 1. 1. 1. 1. 1.", "I am an AI, so I have no eyes.", ""]
+    flaws = R.example_flaws(answers, TRAITS, tiny_model.tokenizer)
+    assert flaws == ["breaks the character", "loops", None, "empty"]
+    record = {**RECORD, "responses": [{"text": a, "prompt": "traits"} for a in answers]}
+    (p,) = R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
+    assert p["chosen"][0]["content"] == answers[2]
+    # the answer that breaks the character is the rejected one, though the judge ranked it first
+    assert p["rejected"][0]["content"] == answers[0] and p["rejected_breaks_character"] and p["margin"] < 0
+    assert all(q["chosen"][0]["content"] == answers[2]
+               for q in R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "all", -1.0, "contrast", "sha", flaws))
+    assert R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", ["loops"] * 4) == []
 
 
 def test_sanity_figures_on_known_scores():

@@ -1,0 +1,65 @@
+"""Tests of sample.py's verdict: the per-trait check rates, the soundness
+figures, and "met" only when the check beats base/plain by more than the
+seed spread *and* every soundness figure holds."""
+import pytest
+
+import sample as S
+
+TRAITS = [{"id": 1, "text": "I talk like a pirate.", "check": r"\barr\b"}]
+
+
+def rows_for(rates, loops=None, length=None, seeds=(0, 1, 2), n=20):
+    """Synthetic measured answers: per setting, a share `rates[setting]` of the
+    answers to trait 1's held-out messages pass the check (per seed, +1 answer
+    on seed 1 so seeds differ a little); loops and length per setting."""
+    rows = []
+    for setting in S.SETTINGS + S.ROBUSTNESS:
+        for seed in seeds:
+            k = round(rates.get(setting, 0.0) * n) + (1 if seed == 1 else 0)
+            for i in range(n):
+                rows.append({"setting": setting, "seed": seed, "group": "held-out", "trait_id": 1,
+                             "checks": {"1": i < k}, "claims": 0.0, "repeats": 0.01,
+                             "loops": float(i < round((loops or {}).get(setting, 0.0) * n)),
+                             "length": (length or {}).get(setting, 40), "perplexity": 3.0,
+                             "reward": 0.0, "contrast": 0.0})
+    return rows
+
+
+def verdict(rows):
+    rates = S.trait_rates(rows, TRAITS)
+    sound = S.soundness_verdict(S.setting_figures(rows, S.SOUNDNESS + S.OWN_VIEW))
+    return S.trait_verdicts(rates, TRAITS, sound)["1"]["held-out"], sound
+
+
+RATES = {"base/plain": 0.05, "base/prompted": 0.75, "tuned/plain": 0.70, "tuned/prompted": 0.8,
+         "base/plain+drop": 0.05, "base/prompted+drop": 0.7, "tuned/plain+drop": 0.6}
+
+
+def test_a_gain_beyond_the_spread_with_sound_answers_is_met():
+    v, sound = verdict(rows_for(RATES))
+    assert v["took"] and v["met"] and all(s["holds"] for s in sound.values())
+    assert v["gain"] == pytest.approx(0.65) and v["ceiling_share"] == pytest.approx((0.70 + 0.05 / 3) / (0.75 + 0.05 / 3))
+    assert v["kept_under_drop_tuned"] == pytest.approx(0.55 / 0.65)
+
+
+def test_met_is_refused_when_the_tuned_model_loops():
+    """The check gains as much, but 10% of tuned answers loop (base 0%): took, not met."""
+    v, sound = verdict(rows_for(RATES, loops={"tuned/plain": 0.10}))
+    assert v["took"] and not v["met"] and not sound["loops"]["holds"]
+
+
+def test_met_is_refused_when_answers_get_much_shorter():
+    v, sound = verdict(rows_for(RATES, length={"tuned/plain": 30}))        # -25% against base's 40
+    assert v["took"] and not v["met"] and not sound["length"]["holds"] and sound["loops"]["holds"]
+
+
+def test_a_gain_within_the_seed_spread_did_not_take():
+    v, _ = verdict(rows_for({**RATES, "tuned/plain": 0.05}))
+    assert not v["took"] and not v["met"]
+
+
+def test_a_check_the_plain_model_passes_often_is_flagged():
+    rows = [dict(r, group="general") for r in rows_for({**RATES, "base/plain": 0.4})]
+    rates = S.trait_rates(rows, TRAITS)
+    sound = S.soundness_verdict(S.setting_figures(rows_for(RATES), S.SOUNDNESS + S.OWN_VIEW))
+    assert S.trait_verdicts(rates, TRAITS, sound)["1"]["general"]["too_common"]
