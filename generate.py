@@ -60,14 +60,15 @@ Several processes: `torchrun --nproc_per_node=N generate.py ...` gives unit i
 to process i % N; each writes its own partial file; process 0 merges.
 
 Run it:
-    python generate.py                    # the default character, ~1 minute on 2 CPU cores with AMX
+    python generate.py                    # the default character: 200 new messages, ~5 minutes on 2 CPU cores
     python generate.py --smoke            # 2 traits, 3 messages each, short answers (CI)
-    python generate.py --traits personas/pirate.txt --new-per-trait 4   # an exercise character
+    python generate.py --traits personas/pirate.txt --messages 40       # a quick try of another character
 """
 import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -100,9 +101,14 @@ def build_parser():
     p.add_argument("--max-traits", type=M.number(int, at_least=1), default=None, help="use only the first N traits (None: all)")
     p.add_argument("--max-seeds", type=M.number(int, at_least=0), default=None,
                    help="keep at most N seed messages per trait as messages (all seeds still prime the list; None: all)")
-    p.add_argument("--new-per-trait", type=M.number(int, at_least=0), default=8, help="new messages the model writes per trait")
-    p.add_argument("--list-samples", type=M.number(int, at_least=1), default=2,
-                   help="sampled continuations of each trait's list (more gives more candidates to filter)")
+    p.add_argument("--messages", type=M.number(int, at_least=0), default=200,
+                   help="new messages in all, shared out evenly over the traits (the pipeline's time grows with it)")
+    p.add_argument("--new-per-trait", type=M.number(int, at_least=0), default=None,
+                   help="new messages the model writes per trait (None: --messages / number of traits)")
+    p.add_argument("--list-samples", type=M.number(int, at_least=1), default=None,
+                   help="sampled continuations of each trait's list; more gives more candidates to filter "
+                        "(None: 0.3 x new per trait, at least 2: a list gives about 8 candidates, of which 3-5 survive "
+                        "the filters; the surplus is in data/generate_report.json)"),
     p.add_argument("--list-tokens", type=M.number(int, at_least=1), default=96, help="new tokens per list continuation")
     p.add_argument("--max-message-chars", type=M.number(int, at_least=1), default=300, help="longer messages are dropped")
     p.add_argument("--max-similarity", type=M.number(float, above=0, at_most=1), default=0.7,
@@ -422,6 +428,10 @@ def run(args, model=None):
     traits = parse_traits(args.traits)
     sha = traits_sha(traits)                     # of the whole file: --max-traits only limits the work
     traits = traits[:args.max_traits] if args.max_traits else traits
+    if args.new_per_trait is None:
+        args.new_per_trait = math.ceil(args.messages / len(traits))
+    if args.list_samples is None:
+        args.list_samples = max(2, math.ceil(0.3 * args.new_per_trait))
     device = M.pick_device(args.device) if model is None else model.embed_tokens.weight.device
     rank, world, device = init_distributed(device)
     if model is None:

@@ -78,6 +78,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 
 from tqdm import tqdm
@@ -145,7 +146,8 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
     p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7)
     p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9)
-    p.add_argument("--batch-size", type=M.number(int, at_least=1), default=96, help="answers generated at once")
+    p.add_argument("--batch-size", type=M.number(int, at_least=1), default=64,
+                   help="answers generated at once (up to 64 take the CPU decoding shortcuts, model.DECODE_ROWS)")
     p.add_argument("--score-batch", type=M.number(int, at_least=1), default=16, help="answers scored at once")
     p.add_argument("--general", type=M.number(int, at_least=0, at_most=len(GENERAL_PROMPTS)), default=len(GENERAL_PROMPTS),
                    help=f"how many of the {len(GENERAL_PROMPTS)} everyday requests to use")
@@ -518,14 +520,14 @@ def run(args):
             "tuned/plain": ("tuned", False, everything, None), "tuned/prompted": ("tuned", True, everything, None),
             "tuned/plain+drop": ("tuned", False, held, DROP_PERSONA)}
     models = {"base": base, "tuned": tuned}
-    # One unit of work = one model: all its settings and all seeds are sampled
-    # in one batch (a CPU decodes 64 rows at about twice the tokens per second
-    # of 16, and the prompt pass of a prompt repeated over seeds runs once).
-    # Each seed is one independent sampling of every answer, from one generator
-    # seeded by the list of seeds: the same flags give the same answers. The
+    # One unit of work = one model: all its settings and all seeds, sampled in
+    # batches of --batch-size rows (a CPU decodes 64 rows at about twice the
+    # tokens per second of 16). Each seed is one independent sampling of every
+    # answer; the generators are seeded from the seeds and the batch's place,
+    # so the same flags give the same answers. The
     # signature says what a model's answers depend on; the tuned model's
     # includes its weights' file time, the base model's does not (reused).
-    common = [args.max_new_tokens, args.temperature, args.top_p, args.seeds, args.dtype, args.model,
+    common = [args.max_new_tokens, args.temperature, args.top_p, args.seeds, args.batch_size, args.dtype, args.model,
               [(m["id"], m["text"], m["system"]) for m in everything], DROP_PERSONA]
     signatures = {"base": json.dumps(["base", *common]),
                   "tuned": json.dumps(["tuned", *common, os.path.getmtime(os.path.join(args.tuned, "model.safetensors"))])}
@@ -533,14 +535,17 @@ def run(args):
     done = read_reusable(samples, signatures)
     done.update({k: v for k, v in read_reusable(partial, signatures).items() if k not in done})
     messages = {m["id"]: m for m in everything}
-    rows = []
+    rows, seconds = [], {}
     with open(partial, "a") as log:
         for name in tqdm(models, desc="sampling", unit="model"):
             if name not in done:
                 jobs = [(setting, seed, m, p) for seed in args.seeds
                         for setting, (model_name, prompted, msgs, suffix) in plan.items() if model_name == name
                         for m, p in zip(msgs, conversations(msgs, prompted, suffix))]
+                start = time.time()
                 answers = answer_all(models[name], [p for *_, p in jobs], args, seed=sum(args.seeds) + 7919 * len(args.seeds))
+                seconds[f"sampling_{name}"] = round(time.time() - start, 1)
+                print(f"{name}: {len(jobs)} answers in {seconds[f'sampling_{name}']:.0f} s", file=sys.stderr)
                 done[name] = [{"setting": setting, "model": name, "seed": seed, "message_id": m["id"],
                                "user": p[-1]["content"], "answer": text, "ids": ids}
                               for (setting, seed, m, p), (text, ids) in zip(jobs, answers)]
@@ -552,7 +557,9 @@ def run(args):
                              "trait_text": m["trait_text"], "system": m["system"], "user_text": m["text"],
                              "signature": signatures[name]})
     print("measuring ...", file=sys.stderr)
+    start = time.time()
     measure(rows, traits, base, reward, args)
+    seconds["measuring"] = round(time.time() - start, 1)
 
     rates = trait_rates(rows, traits)
     figures = setting_figures(rows, SOUNDNESS + OWN_VIEW)
@@ -563,7 +570,7 @@ def run(args):
               "figures_general": setting_figures(rows, SOUNDNESS + OWN_VIEW, "general"),
               "settings": SETTINGS + ROBUSTNESS, "seeds": args.seeds, "n_eval_messages": len(held), "n_general": len(general),
               "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens},
-              "traits_sha": sha}
+              "traits_sha": sha, "seconds": seconds}
     write_atomic(samples, "".join(json.dumps(r) + "\n" for r in rows))
     os.remove(partial)
     write_atomic(os.path.join(args.out, "eval.json"), json.dumps(result, indent=1, default=str))
