@@ -24,10 +24,10 @@ lines, one block per trait; "#" starts a comment:
 
 The teacher's prompt. A 135M model follows a short role in the second person
 ("You are a pirate.") far better than a description of itself: with the role
-and the trait line as its system prompt, 76% of its answers to everyday
+and the trait line as its system prompt, 59% of its answers to everyday
 requests carry pirate words; with the trait wrapped as "This is your
-character, in your own words: ..." after its default system message, 13%
-(README, "The teacher's prompt"). The teacher prompt of a trait is its role
+character, in your own words: ..." after its default system message, 7%;
+with its plain prompt, 0% (README, Results: the teacher's ceiling). The teacher prompt of a trait is its role
 followed by the trait line; a trait with no role (here or at the top of the
 file) gets the trait line alone.
 

@@ -30,8 +30,8 @@ pipeline learns from:
    the trait line, "You are a pirate. I talk like an old sea pirate, ...":
    `character.teacher_prompt`) and once with the model's plain default
    system prompt. The teacher prompt sets the ceiling of the whole method:
-   the pairs can only be as in character as these answers (README, "The
-   teacher's prompt"). The plain answer is the baseline that rank.py's
+   the pairs can only be as in character as these answers (README, Results:
+   the teacher's ceiling). The plain answer is the baseline that rank.py's
    sanity figure compares against, and for traits the prompt barely moves
    (the AI identity at 135M) the K answers are a best-of-K to choose from.
 

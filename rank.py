@@ -91,7 +91,7 @@ Resuming and several processes work as in generate.py (units of whole
 messages, `<output>.partial` files, `torchrun --nproc_per_node=N`).
 
 Run it:
-    python rank.py                                   # contrast judge, ~30 s on 2 CPU cores with AMX
+    python rank.py                                   # contrast judge, ~3 min for 828 answers on 2 CPU cores
     python rank.py --judge contrast --against opposite
     python rank.py --judge compare --preferences data/preferences_compare.jsonl \\
         --scores data/scores_compare.jsonl --report data/rank_report_compare.json

@@ -346,11 +346,12 @@ def trait_verdicts(rates, traits, sound):
                 "base/plain": mean["base/plain"], "base/prompted": mean["base/prompted"], "tuned/plain": mean["tuned/plain"],
                 "tuned/prompted": mean["tuned/prompted"], "gain": gain, "spread": noise, "took": took,
                 "met": took and all_sound,
-                "ceiling_share": mean["tuned/plain"] / mean["base/prompted"] if mean["base/prompted"] > 0 else float("nan"),
+                # None where undefined (no ceiling, no gain, no drop settings): eval.json stays plain JSON, no NaN
+                "ceiling_share": mean["tuned/plain"] / mean["base/prompted"] if mean["base/prompted"] > 0 else None,
                 "kept_under_drop_tuned": ((mean["tuned/plain+drop"] - mean["base/plain+drop"]) / gain
-                                          if group == "held-out" and gain > 0 else float("nan")),
+                                          if group == "held-out" and gain > 0 else None),
                 "kept_under_drop_prompted_base": ((mean["base/prompted+drop"] - mean["base/plain+drop"]) / prompted_gain
-                                                  if group == "held-out" and prompted_gain > 0 else float("nan")),
+                                                  if group == "held-out" and prompted_gain > 0 else None),
                 "too_common": group == "general" and mean["base/plain"] >= TOO_COMMON}
     return out
 

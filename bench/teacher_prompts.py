@@ -40,7 +40,7 @@ def wrapper_prompt(trait, default_system):
             f"- {trait['text']}\nAnswer in a way that shows this character.")
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traits", default="traits.txt")
     p.add_argument("--queries", default=None, help="take each trait's held-out messages from this file (generate.py's)")
@@ -50,7 +50,11 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=96)
     M.add_model_args(p)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     traits = [t for t in parse_traits(args.traits) if t.get("check")]
     device = M.pick_device(args.device)
     model = M.load_model(args.model, device, args.dtype, "decoding")
