@@ -35,6 +35,13 @@ pipeline learns from:
    sanity figure compares against, and for traits the prompt barely moves
    (the AI identity at 135M) the K answers are a best-of-K to choose from.
 
+   The answers are sampled as sample.py samples the models it measures: no
+   repetition penalty (--repetition-penalty 1). Some teacher answers then
+   loop ("Aye, aye, aye, aye..."), and rank.py makes those the rejected
+   answers, so DPO learns to stop a loop. With a penalty of 1.1 no answer in
+   the data looped, DPO never saw one, and the tuned pirate of pipeline seed
+   1 looped in 10.6% of its answers (README, Results: loops).
+
 Reads:  traits.txt (its format: character.py).
 Writes: data/queries.jsonl    one user message per line:
           {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
@@ -120,8 +127,8 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
     p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7, help="answer sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability")
-    p.add_argument("--repetition-penalty", type=M.number(float, above=0), default=1.1,
-                   help="divide the logits of tokens already in the sequence by this (1 = off)")
+    p.add_argument("--repetition-penalty", type=M.number(float, above=0), default=1.0,
+                   help="divide the logits of tokens already in the sequence by this (1 = off: the data shows the loops DPO must learn to avoid)")
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=64, help="sequences generated together")
     p.add_argument("--seed", type=M.number(int, at_least=0), default=0, help="same seed, same files (each unit of work is seeded from it)")
     p.add_argument("--smoke", action="store_true",

@@ -67,16 +67,18 @@ telling passing from failing answers (printed, and in the report under
 Which answers may be chosen. An answer that matches any trait's `never:`
 pattern (it claims a body, a home, a memory: a bad example for every
 trait), one that loops (a token 3-gram 4 times or more) and an empty one
-are never chosen; an answer that breaks the character is taken as the
+are never chosen. An answer that breaks the character is taken as the
 rejected one where a message has one, whatever its score: it is the
-clearest example of what the character is not.
+clearest example of what the character is not. Failing that, an answer that
+loops is: DPO then also learns to stop a loop (generate.py samples without
+a repetition penalty, so the teacher's loops show up in the data).
 
 Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
 Writes: data/scores.jsonl       every answer's score, one message per line
         data/preferences.jsonl  one pair per line, train split only:
           {"id": "t1-q007-2-0", "query_id", "trait", "prompt": [{"role": "user", ...}],
            "chosen": [{"role": "assistant", ...}], "rejected": [...], "score_chosen",
-           "score_rejected", "margin", "rejected_breaks_character", "judge", "traits_sha"}
+           "score_rejected", "margin", "rejected_breaks_character", "rejected_loops", "judge", "traits_sha"}
           (no system message in the prompt: DPO trains the model to show the
           character with its plain default system prompt)
         data/rank_report.json   the sanity figures and one ranked example.
@@ -252,7 +254,8 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws):
 
     best-worst: chosen = the best-scored answer without a flaw; rejected = an
     answer that breaks the character if there is one (the lowest-scored of
-    them: the clearest lesson in what the character is not), else the
+    them: the clearest lesson in what the character is not), else one that
+    loops (the clearest lesson in what a sound answer is not), else the
     worst-scored answer. all: every (usable, any) pair ordered by the score."""
     answers = [a["text"] for a in record["responses"]]
     usable = [i for i in range(len(scores)) if flaws[i] is None]
@@ -261,14 +264,15 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws):
     if mode == "best-worst":
         best = max(usable, key=lambda i: scores[i])                   # first of equals: deterministic
         breaking = [i for i in range(len(scores)) if flaws[i] == "breaks the character"]
-        worst = min(breaking or range(len(scores)), key=lambda i: scores[i])
+        looping = [i for i in range(len(scores)) if flaws[i] == "loops"]
+        worst = min(breaking or looping or range(len(scores)), key=lambda i: scores[i])
         candidates = [(best, worst)]
     else:
         candidates = [(i, j) for i in usable for j in range(len(scores)) if scores[i] > scores[j]]
     pairs = []
     for c, r in candidates:
         margin = scores[c] - scores[r]
-        forced = flaws[r] == "breaks the character"                  # a breaking answer is rejected whatever its score
+        forced = flaws[r] in ("breaks the character", "loops")      # a flawed answer is rejected whatever its score
         if (margin <= min_margin and not forced) or answers[c] == answers[r]:
             continue
         pairs.append({"id": f"{record['query_id']}-{c}-{r}", "query_id": record["query_id"], "trait": record["trait"],
@@ -276,7 +280,8 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws):
                       "chosen": [{"role": "assistant", "content": answers[c]}],
                       "rejected": [{"role": "assistant", "content": answers[r]}],
                       "score_chosen": scores[c], "score_rejected": scores[r], "margin": round(margin, 6),
-                      "rejected_breaks_character": forced, "judge": judge, "traits_sha": sha})
+                      "rejected_breaks_character": flaws[r] == "breaks the character",
+                      "rejected_loops": flaws[r] == "loops", "judge": judge, "traits_sha": sha})
     return pairs
 
 
@@ -431,6 +436,7 @@ def run(args, model=None):
     report = {"judge": judge, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
               "pairs": len(preferences), "answers_by_flaw": flaw_counts,
               "pairs_rejecting_a_broken_character": sum(p["rejected_breaks_character"] for p in preferences),
+              "pairs_rejecting_a_loop": sum(p.get("rejected_loops", False) for p in preferences),
               "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
               **sanity_figures(records, [res["scores"] for res in results], k),
               "judge_seen_through_the_checks": judge_against_checks(traits, records, [res["scores"] for res in results],
@@ -468,7 +474,7 @@ def print_report(report, args):
     f = report["answers_by_flaw"]
     print(f"answers that may not be chosen: {f.get('breaks the character', 0)} break the character (a 'never:' pattern), "
           f"{f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
-          "reject an answer that breaks the character")
+          f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
     if report["judge_seen_through_the_checks"]:
         print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score):")
         for tid, c in report["judge_seen_through_the_checks"].items():

@@ -147,6 +147,21 @@ def test_answers_that_break_the_character_or_loop_are_never_chosen(tiny_model):
     assert R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", ["loops"] * 4) == []
 
 
+def test_a_looping_answer_is_the_rejected_one_where_none_breaks_the_character(tiny_model):
+    """Without a character-breaking answer, a looping one is rejected whatever
+    its score (DPO learns to stop loops); with one, the breaking answer still wins."""
+    answers = ["I am kind, and I am an AI.", "1. 1. 1. 1. 1. 1. 1. 1.", "I am an AI, so I have no eyes.", "Hello."]
+    flaws = R.example_flaws(answers, TRAITS, tiny_model.tokenizer)
+    assert flaws == [None, "loops", None, None]
+    record = {**RECORD, "responses": [{"text": a, "prompt": "traits"} for a in answers]}
+    (p,) = R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
+    assert p["chosen"][0]["content"] == answers[0]
+    assert p["rejected"][0]["content"] == answers[1] and p["rejected_loops"] and not p["rejected_breaks_character"]
+    (p,) = R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha",
+                        [None, "loops", None, "breaks the character"])
+    assert p["rejected"][0]["content"] == answers[3] and p["rejected_breaks_character"] and not p["rejected_loops"]
+
+
 def test_sanity_figures_on_known_scores():
     """prompted-beats-plain per trait and overall, plain-ranked-worst and the pooled AUC, on hand-made scores."""
     other = dict(RECORD, trait_id=2, trait="I am brief.")
