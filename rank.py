@@ -73,12 +73,25 @@ clearest example of what the character is not. Failing that, an answer that
 loops is: DPO then also learns to stop a loop (generate.py samples without
 a repetition penalty, so the teacher's loops show up in the data).
 
+Holding the character when told to drop it (--drop-share, off by default).
+A character that vanishes as soon as a user writes "forget your persona"
+has not really taken. With --drop-share s, a share s of the pairs (chosen by
+a hash of the message id, so the same data gives the same pairs) carries,
+after the user's message, one of DROP_INSTRUCTIONS: the chosen answer is
+still the in-character one, the rejected still the plain one. The wordings
+are never the ones sample.py measures robustness with (a test checks), so
+that check stays held out. Measured on the pirate (README, Results:
+robustness): 0.25 raised the share of its gain the tuned model keeps under
+such an instruction from 48% to 58% on one pipeline seed, short of the 80%
+target, so it is a lever to try, not yet a default.
+
 Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
 Writes: data/scores.jsonl       every answer's score, one message per line
         data/preferences.jsonl  one pair per line, train split only:
           {"id": "t1-q007-2-0", "query_id", "trait", "prompt": [{"role": "user", ...}],
            "chosen": [{"role": "assistant", ...}], "rejected": [...], "score_chosen",
-           "score_rejected", "margin", "rejected_breaks_character", "rejected_loops", "judge", "traits_sha"}
+           "score_rejected", "margin", "rejected_breaks_character", "rejected_loops", "drop_instruction",
+           "judge", "traits_sha"}
           (no system message in the prompt: DPO trains the model to show the
           character with its plain default system prompt)
         data/rank_report.json   the sanity figures and one ranked example.
@@ -113,6 +126,15 @@ from generate import (barrier, finish_distributed, init_distributed, read_jsonl,
 
 PROG = "rank.py"
 
+# Appended to the user message of --drop-share of the pairs. sample.py's
+# DROP_PERSONA wordings (the robustness check) must stay out of this list.
+DROP_INSTRUCTIONS = [
+    "Please stop playing any character and talk normally.",
+    "No role-play this time, answer like a standard assistant would.",
+    "Leave out any special personality and just give me a regular reply.",
+    "Speak as your ordinary self, without any act.",
+]
+
 
 def build_parser():
     p = M.ArgumentParser(
@@ -130,6 +152,9 @@ def build_parser():
     p.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
                    help="best-worst: one pair per message; all: every pair with margin above --min-margin")
     p.add_argument("--min-margin", type=M.number(float), default=0.0, help="keep only pairs whose score difference is above this")
+    p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.0,
+                   help="share of pairs whose user message ends with an instruction to drop the persona "
+                        "(the chosen answer stays in character; README, Results: robustness)")
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=16, help="sequences per forward pass")
     M.add_model_args(p)
     return p
@@ -249,15 +274,28 @@ def example_flaws(answers, traits, tok):
     return flaws
 
 
-def make_pairs(record, scores, mode, min_margin, judge, sha, flaws):
+def drop_instruction(query_id, share):
+    """The drop-your-persona instruction this message's pairs carry, or None.
+    A hash of the id, not a random draw: the same data gives the same pairs."""
+    h = hashlib.sha256(query_id.encode()).digest()
+    if int.from_bytes(h[:4], "big") / 2 ** 32 >= share:
+        return None
+    return DROP_INSTRUCTIONS[h[4] % len(DROP_INSTRUCTIONS)]
+
+
+def make_pairs(record, scores, mode, min_margin, judge, sha, flaws, drop_share=0.0):
     """Preference pairs of one message in the conversational prompt/chosen/rejected format.
 
     best-worst: chosen = the best-scored answer without a flaw; rejected = an
     answer that breaks the character if there is one (the lowest-scored of
     them: the clearest lesson in what the character is not), else one that
     loops (the clearest lesson in what a sound answer is not), else the
-    worst-scored answer. all: every (usable, any) pair ordered by the score."""
+    worst-scored answer. all: every (usable, any) pair ordered by the score.
+    A --drop-share of messages get a drop-your-persona instruction after
+    the user's text (`drop_instruction`)."""
     answers = [a["text"] for a in record["responses"]]
+    instruction = drop_instruction(record["query_id"], drop_share)
+    user = record["text"] if instruction is None else f"{record['text']} {instruction}"
     usable = [i for i in range(len(scores)) if flaws[i] is None]
     if not usable:
         return []
@@ -276,12 +314,13 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws):
         if (margin <= min_margin and not forced) or answers[c] == answers[r]:
             continue
         pairs.append({"id": f"{record['query_id']}-{c}-{r}", "query_id": record["query_id"], "trait": record["trait"],
-                      "prompt": [{"role": "user", "content": record["text"]}],
+                      "prompt": [{"role": "user", "content": user}],
                       "chosen": [{"role": "assistant", "content": answers[c]}],
                       "rejected": [{"role": "assistant", "content": answers[r]}],
                       "score_chosen": scores[c], "score_rejected": scores[r], "margin": round(margin, 6),
                       "rejected_breaks_character": flaws[r] == "breaks the character",
-                      "rejected_loops": flaws[r] == "loops", "judge": judge, "traits_sha": sha})
+                      "rejected_loops": flaws[r] == "loops", "drop_instruction": instruction,
+                      "judge": judge, "traits_sha": sha})
     return pairs
 
 
@@ -432,11 +471,13 @@ def run(args, model=None):
                            "ranking": ranking, "flaws": flaws, **({"pairs": res["pairs"]} if "pairs" in res else {}),
                            "traits_sha": sha})
         if r["split"] == "train":             # eval messages never become training data
-            preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha, flaws))
+            preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha, flaws,
+                                          args.drop_share))
     report = {"judge": judge, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
               "pairs": len(preferences), "answers_by_flaw": flaw_counts,
               "pairs_rejecting_a_broken_character": sum(p["rejected_breaks_character"] for p in preferences),
               "pairs_rejecting_a_loop": sum(p.get("rejected_loops", False) for p in preferences),
+              "pairs_with_a_drop_instruction": sum(p["drop_instruction"] is not None for p in preferences),
               "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
               **sanity_figures(records, [res["scores"] for res in results], k),
               "judge_seen_through_the_checks": judge_against_checks(traits, records, [res["scores"] for res in results],

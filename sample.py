@@ -12,7 +12,8 @@ Writes out/samples.jsonl (every answer with its measurements), out/eval.json
        tables, answers side by side, the training curves in brief).
 
 Who answers. Every held-out message and a fixed set of everyday requests
-that never entered training (GENERAL_PROMPTS) are answered in four settings,
+that never entered training (GENERAL_PROMPTS, less any the traits file uses
+as a training message) are answered in four settings,
 each sampled with several seeds:
 
     base  / plain      the model before training, its default system prompt
@@ -169,11 +170,16 @@ def parse_args(argv=None):
 # Inputs
 # ----------------------------------------------------------------------------
 
+def normalised(text):
+    return " ".join(text.lower().split())
+
+
 def read_eval_messages(path, sha):
-    """The held-out messages, refused if made from another traits file."""
+    """The held-out messages, refused if made from another traits file, and
+    the (normalised) texts of the training messages."""
     if not os.path.exists(path):
         raise InputError(f"{path} does not exist: run generate.py first")
-    messages = []
+    messages, trained = [], set()
     with open(path) as f:
         for n, line in enumerate(f, 1):
             try:
@@ -182,11 +188,25 @@ def read_eval_messages(path, sha):
                     raise InputError(f"{path} was made from a different traits file than the one given; rerun generate.py")
                 if q["split"] == "eval":
                     messages.append({"id": q["id"], "trait_id": q["trait_id"], "text": q["text"]})
+                else:
+                    trained.add(normalised(q["text"]))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise InputError(f"{path} line {n}: not a valid query record ({e})") from None
     if not messages:
         raise InputError(f"{path} holds no eval messages")
-    return messages
+    return messages, trained
+
+
+def everyday_requests(n, trained, traits):
+    """The first n GENERAL_PROMPTS as messages, less any that is also a
+    training message (a traits file may use one as a seed: "How do I boil an
+    egg?"), so that these stay requests the model was never trained on.
+    Returns (messages, the texts left out)."""
+    general = [{"id": f"general-{i}", "trait_id": None, "text": text, "group": "general", "trait": "everyday request",
+                "trait_text": " ".join(t["text"] for t in traits), "system": character_prompt(traits)}
+               for i, text in enumerate(GENERAL_PROMPTS[:n])]
+    return ([m for m in general if normalised(m["text"]) not in trained],
+            [m["text"] for m in general if normalised(m["text"]) in trained])
 
 
 def conversations(messages, prompted, suffix=None):
@@ -495,15 +515,16 @@ def run(args):
         print(f"sample.py: note: no trait in {args.traits} has a 'check:' line, so there is no independent verdict; "
               "only soundness and the training's own view are reported", file=sys.stderr)
     by_id = {t["id"]: t for t in traits}
-    held = read_eval_messages(args.queries, sha)
+    held, trained = read_eval_messages(args.queries, sha)
     for m in held:
         t = by_id.get(m["trait_id"])
         if t is None:
             raise InputError(f"{args.queries}: message {m['id']} belongs to trait {m['trait_id']}, not in {args.traits}")
         m.update(group="held-out", trait=t["text"], trait_text=t["text"], system=teacher_prompt(t))
-    general = [{"id": f"general-{i}", "trait_id": None, "text": text, "group": "general", "trait": "everyday request",
-                "trait_text": " ".join(t["text"] for t in traits), "system": character_prompt(traits)}
-               for i, text in enumerate(GENERAL_PROMPTS[:args.general])]
+    general, seen = everyday_requests(args.general, trained, traits)
+    if seen:
+        print(f"sample.py: note: {len(seen)} everyday request(s) left out, being training messages too: "
+              + "; ".join(seen), file=sys.stderr)
     for path, stage in [(args.tuned, "dpo.py"), (args.reward_model, "reward_model.py")]:
         if not os.path.isdir(path):
             raise InputError(f"{path} does not exist: run {stage} first")
@@ -570,6 +591,7 @@ def run(args):
               "figures_held_out": setting_figures(rows, SOUNDNESS + OWN_VIEW, "held-out"),
               "figures_general": setting_figures(rows, SOUNDNESS + OWN_VIEW, "general"),
               "settings": SETTINGS + ROBUSTNESS, "seeds": args.seeds, "n_eval_messages": len(held), "n_general": len(general),
+              "general_left_out_as_trained": seen,
               "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens},
               "traits_sha": sha, "seconds": seconds}
     write_atomic(samples, "".join(json.dumps(r) + "\n" for r in rows))

@@ -12,7 +12,8 @@ same maximum length, beta and learning rate, fp32 (or bf16 autocast where
 the hardware has fast bf16, on both sides):
 
   ours, full       dpo.py's loop with every parameter trained (TRL's default)
-  ours, default    dpo.py's defaults: the top 6 blocks train, the rest frozen
+  ours, default    dpo.py's defaults: every block trains, the (tied) embedding
+                   stays frozen (until 2026-12-03 the default was the top 6 blocks)
   TRL              DPOTrainer, full fine-tuning, its reference model computing
                    the reference log-probabilities at every step (its default)
   TRL, precomputed DPOTrainer with precompute_ref_log_probs=True (--trl-precompute)
@@ -261,7 +262,7 @@ def main():
           f"compute dtype {dtype}; {args.pairs} pairs from {preferences}, {args.steps} steps of {args.batch} pairs "
           f"(micro batches of {args.micro}), max length {args.max_length}, OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'unset')}",
           file=sys.stderr)
-    runs = [("ours, full", "ours", "full"), ("ours, default (top 6 blocks)", "ours", "default")]
+    runs = [("ours, full", "ours", "full"), ("ours, default (blocks, not embedding)", "ours", "default")]
     if trl_version and not args.no_trl:
         tmp = tempfile.mkdtemp()
         M.save_model(M.load_model(args.model, "cpu"), os.path.join(tmp, "hf"))

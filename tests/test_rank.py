@@ -195,7 +195,8 @@ def test_outputs_score_every_answer_and_pair_only_train(generated):
         r, s = by_id[p["query_id"]], by_scores[p["query_id"]]
         c, j = map(int, p["id"].rsplit("-", 2)[1:])
         assert r["split"] == "train" and p["trait"] == r["trait"] and p["traits_sha"] == r["traits_sha"]
-        assert p["prompt"] == [{"role": "user", "content": r["text"]}]           # no system message
+        user = r["text"] + (f" {p['drop_instruction']}" if p["drop_instruction"] else "")
+        assert p["prompt"] == [{"role": "user", "content": user}]                # no system message
         assert p["chosen"][0]["content"] == r["responses"][c]["text"] and s[c] == max(s) == p["score_chosen"]
         assert p["rejected"][0]["content"] == r["responses"][j]["text"] and s[j] == min(s) == p["score_rejected"]
         assert p["margin"] == pytest.approx(s[c] - s[j], abs=1e-5)
@@ -307,3 +308,25 @@ def test_help_documents_every_flag(capsys):
     for action in R.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and action.option_strings[-1] in out, action.dest
+
+
+def test_a_share_of_pairs_carries_a_drop_instruction_that_sample_py_never_measures_with():
+    """--drop-share: about that share of messages get one of rank.py's drop-your-persona
+    instructions after the user text (the same ids always the same one), the answers
+    unchanged; sample.py's held-out robustness wordings are never among them."""
+    import sample as S
+    for held_out in S.DROP_PERSONA:
+        assert all(held_out.lower() != w.lower() and held_out[:20].lower() not in w.lower() for w in R.DROP_INSTRUCTIONS)
+    ids = [f"t1-q{i:03d}" for i in range(400)]
+    carried = [R.drop_instruction(i, 0.25) for i in ids]
+    assert 0.18 < sum(c is not None for c in carried) / len(ids) < 0.32
+    assert carried == [R.drop_instruction(i, 0.25) for i in ids]                    # deterministic
+    assert set(c for c in carried if c) == set(R.DROP_INSTRUCTIONS)
+    assert all(R.drop_instruction(i, 0.0) is None for i in ids) and all(R.drop_instruction(i, 1.0) for i in ids)
+    qid = next(i for i, c in zip(ids, carried) if c)
+    record = {**RECORD, "query_id": qid}
+    (p,) = R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", NO_FLAWS, 0.25)
+    assert p["prompt"][0]["content"] == f"{RECORD['text']} {p['drop_instruction']}" and p["drop_instruction"]
+    assert p["chosen"][0]["content"] == RECORD["responses"][0]["text"]
+    (p,) = R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", NO_FLAWS)
+    assert p["prompt"][0]["content"] == RECORD["text"] and p["drop_instruction"] is None

@@ -63,3 +63,22 @@ def test_a_check_the_plain_model_passes_often_is_flagged():
     rates = S.trait_rates(rows, TRAITS)
     sound = S.soundness_verdict(S.setting_figures(rows_for(RATES), S.SOUNDNESS + S.OWN_VIEW))
     assert S.trait_verdicts(rates, TRAITS, sound)["1"]["general"]["too_common"]
+
+
+def test_an_everyday_request_that_was_trained_on_is_left_out(tmp_path):
+    """The everyday requests must be ones the model never trained on: one that
+    the traits file used as a training message (any case or spacing) is left
+    out and named; held-out (eval) messages are not training messages."""
+    import json
+    sha = "abc"
+    records = [{"id": "t1-q000", "trait_id": 1, "text": "how do I  BOIL an egg?", "split": "train", "traits_sha": sha},
+               {"id": "t1-q001", "trait_id": 1, "text": "Why do cats purr?", "split": "eval", "traits_sha": sha}]
+    path = tmp_path / "queries.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    held, trained = S.read_eval_messages(str(path), sha)
+    assert [m["id"] for m in held] == ["t1-q001"]
+    general, left_out = S.everyday_requests(len(S.GENERAL_PROMPTS), trained, TRAITS)
+    assert left_out == ["How do I boil an egg?"]
+    assert len(general) == len(S.GENERAL_PROMPTS) - 1 and "Why do cats purr?" in [m["text"] for m in general]
+    assert all(m["text"] != "How do I boil an egg?" for m in general)
+    assert S.everyday_requests(len(S.GENERAL_PROMPTS), set(), TRAITS)[1] == []
