@@ -81,9 +81,10 @@ after the user's message, one of DROP_INSTRUCTIONS: the chosen answer is
 still the in-character one, the rejected still the plain one. The wordings
 are never the ones sample.py measures robustness with (a test checks), so
 that check stays held out. Measured on the pirate (README, Results:
-robustness): 0.25 raised the share of its gain the tuned model keeps under
-such an instruction from 48% to 58% on one pipeline seed, short of the 80%
-target, so it is a lever to try, not yet a default.
+robustness; AVX2-only EPYC, pipeline seed 0): with shares 0, 0.25 and 0.5
+the tuned model's pirate-word rate under sample.py's instructions was
+32 +- 12%, 40 +- 5% and 38 +- 8%, within the seed spread, and 0.5 cost
+character and soundness without one; so it is a lever to try, not a default.
 
 Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
 Writes: data/scores.jsonl       every answer's score, one message per line

@@ -171,6 +171,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------
 
 def normalised(text):
+    """Lower case, single spaces: "how do I  BOIL an egg?" is "How do I boil an egg?"."""
     return " ".join(text.lower().split())
 
 
@@ -202,11 +203,15 @@ def everyday_requests(n, trained, traits):
     training message (a traits file may use one as a seed: "How do I boil an
     egg?"), so that these stay requests the model was never trained on.
     Returns (messages, the texts left out)."""
-    general = [{"id": f"general-{i}", "trait_id": None, "text": text, "group": "general", "trait": "everyday request",
-                "trait_text": " ".join(t["text"] for t in traits), "system": character_prompt(traits)}
-               for i, text in enumerate(GENERAL_PROMPTS[:n])]
-    return ([m for m in general if normalised(m["text"]) not in trained],
-            [m["text"] for m in general if normalised(m["text"]) in trained])
+    general, left_out = [], []
+    for i, text in enumerate(GENERAL_PROMPTS[:n]):
+        if normalised(text) in trained:
+            left_out.append(text)
+        else:
+            general.append({"id": f"general-{i}", "trait_id": None, "text": text, "group": "general",
+                            "trait": "everyday request", "trait_text": " ".join(t["text"] for t in traits),
+                            "system": character_prompt(traits)})
+    return general, left_out
 
 
 def conversations(messages, prompted, suffix=None):
