@@ -55,7 +55,8 @@ and how much of its gain the tuned model keeps when told to drop its persona,
     kept under drop = (rate(tuned/plain+drop) - rate(base/plain+drop)) / (rate(tuned/plain) - rate(base/plain)),
 
 beside the prompted base's own (its gain over base/plain, with and without
-the instruction).
+the instruction); and the same per instruction, on the third of the
+messages each follows (which wording removes the character).
 
 (Perplexity is set against the teacher's own answers, base/prompted, under
 the teacher's prompt: under the plain prompt the teacher's pirate answers
@@ -214,13 +215,19 @@ def everyday_requests(n, trained, traits):
     return general, left_out
 
 
+def drop_wording(i):
+    """Which drop-your-persona instruction follows the i-th held-out message:
+    they are taken in turn, so each follows a third of the messages."""
+    return i % len(DROP_PERSONA)
+
+
 def conversations(messages, prompted, suffix=None):
     """One prompt (message list) per message: with the teacher's prompt as the
     system prompt if `prompted`, else the model's own default; `suffix`: the
-    drop-your-persona instructions, taken in turn."""
+    drop-your-persona instructions, taken in turn (`drop_wording`)."""
     out = []
     for i, m in enumerate(messages):
-        user = m["text"] if suffix is None else m["text"] + "\n\n" + suffix[i % len(suffix)]
+        user = m["text"] if suffix is None else m["text"] + "\n\n" + suffix[drop_wording(i)]
         out.append(([{"role": "system", "content": m["system"]}] if prompted else []) + [{"role": "user", "content": user}])
     return out
 
@@ -322,6 +329,30 @@ def setting_figures(rows, metrics, group=None):
     """{setting: {metric: {mean, std}}} over the answers of one group (None: held-out and everyday together)."""
     return {s: {m: by_seed([r for r in rows if r["setting"] == s and group in (None, r["group"])], lambda r, m=m: r.get(m))
                 for m in metrics} for s in SETTINGS + ROBUSTNESS}
+
+
+def rates_by_drop_wording(rows, traits):
+    """{trait id: one row per drop instruction}: on the third of the trait's
+    held-out messages that instruction follows, the check's rate (pooled over
+    seeds) with and without it, and the share of the tuned model's gain kept.
+    Which wording removes the character shows here; a cell is a third of the
+    answers, so read it as a direction beside the verdict's figure."""
+    settings = ["base/plain", "base/plain+drop", "base/prompted", "base/prompted+drop", "tuned/plain", "tuned/plain+drop"]
+    out = {}
+    for t in traits:
+        if not t.get("check"):
+            continue
+        tid, out[str(t["id"])] = str(t["id"]), []
+        for w, instruction in enumerate(DROP_PERSONA):
+            hits = {s: [r["checks"][tid] for r in rows if r["setting"] == s and r["group"] == "held-out"
+                        and r["trait_id"] == t["id"] and r.get("drop_wording") == w] for s in settings}
+            if not hits["tuned/plain"] or not hits["tuned/plain+drop"]:
+                continue
+            cell = {s: statistics.fmean(h) if h else None for s, h in hits.items()}
+            gain = cell["tuned/plain"] - cell["base/plain"]
+            kept = (cell["tuned/plain+drop"] - cell["base/plain+drop"]) / gain if gain > 0 else None
+            out[tid].append({"instruction": instruction, "answers": len(hits["tuned/plain+drop"]), **cell, "kept_tuned": kept})
+    return out
 
 
 def soundness_verdict(figures):
@@ -443,7 +474,14 @@ def report_lines(result, rows, traits, args):
                          + (f"{pct(g['kept_under_drop_tuned'])} / {pct(g['kept_under_drop_prompted_base'])} | "
                             if group == "held-out" else "") + f"{verdict} |")
         lines.append("")
-    lines += ["## Soundness: tuned/plain against the base model, held-out messages and everyday requests", "",
+    lines += ["### Under each drop-your-persona instruction (each follows a third of the held-out messages)", "",
+              "| trait | instruction | answers | tuned/plain | tuned/plain+drop | kept | base/prompted | base/prompted+drop |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for tid, cells in result["drop_by_wording"].items():
+        for c in cells:
+            lines.append(f"| {tid} | {c['instruction']} | {c['answers']} | {pct(c['tuned/plain'])} | {pct(c['tuned/plain+drop'])} | "
+                         f"{pct(c['kept_tuned'])} | {pct(c['base/prompted'])} | {pct(c['base/prompted+drop'])} |")
+    lines += ["", "## Soundness: tuned/plain against the base model, held-out messages and everyday requests", "",
               "| figure | reference | reference's value | tuned/plain | limit | holds |", "|---|---|---:|---:|---:|---|"]
     for m, s in sound.items():
         lim = s["limit"]
@@ -562,6 +600,7 @@ def run(args):
     done = read_reusable(samples, signatures)
     done.update({k: v for k, v in read_reusable(partial, signatures).items() if k not in done})
     messages = {m["id"]: m for m in everything}
+    wording = {m["id"]: drop_wording(i) for i, m in enumerate(held)}
     rows, seconds = [], {}
     with open(partial, "a") as log:
         for name in tqdm(models, desc="sampling", unit="model"):
@@ -582,6 +621,7 @@ def run(args):
                 m = messages[r["message_id"]]
                 rows.append({**r, "group": m["group"], "trait_id": m["trait_id"], "trait": m["trait"],
                              "trait_text": m["trait_text"], "system": m["system"], "user_text": m["text"],
+                             "drop_wording": wording.get(m["id"]),
                              "signature": signatures[name]})
     print("measuring ...", file=sys.stderr)
     start = time.time()
@@ -592,7 +632,8 @@ def run(args):
     figures = setting_figures(rows, SOUNDNESS + OWN_VIEW)
     sound = soundness_verdict(figures)
     verdict = trait_verdicts(rates, traits, sound)
-    result = {"verdict": verdict, "soundness": sound, "rates": rates, "figures": figures,
+    result = {"verdict": verdict, "soundness": sound, "rates": rates, "drop_by_wording": rates_by_drop_wording(rows, traits),
+              "figures": figures,
               "figures_held_out": setting_figures(rows, SOUNDNESS + OWN_VIEW, "held-out"),
               "figures_general": setting_figures(rows, SOUNDNESS + OWN_VIEW, "general"),
               "settings": SETTINGS + ROBUSTNESS, "seeds": args.seeds, "n_eval_messages": len(held), "n_general": len(general),

@@ -63,9 +63,11 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
     for k in held:
         v = result["verdict"][k]
         assert isinstance(v["held-out"]["met"], bool) and isinstance(v["general"]["took"], bool)
+        cells = result["drop_by_wording"][k]                    # per drop instruction, where it followed a message
+        assert cells and all(c["instruction"] in sample.DROP_PERSONA and c["answers"] > 0 for c in cells)
     assert len(result["seeds"]) >= 3
     report = open(tmp_path / "out/report.md").read()
-    for heading in ("## Verdict", "## Soundness", "## The training's own view", "## Training curves"):
+    for heading in ("## Verdict", "### Under each drop-your-persona instruction", "## Soundness", "## The training's own view", "## Training curves"):
         assert heading in report
     assert "| 1 | " in report.split("## Training curves")[1]          # the DPO curve has its numbers, not "-"
     samples = read_jsonl(tmp_path / "out/samples.jsonl")

@@ -65,6 +65,23 @@ def test_a_check_the_plain_model_passes_often_is_flagged():
     assert S.trait_verdicts(rates, TRAITS, sound)["1"]["general"]["too_common"]
 
 
+def test_the_drop_instruction_that_removes_the_character_is_named():
+    """Each drop instruction follows a third of the held-out messages; the
+    per-instruction rates are taken on that third only, so one wording that
+    removes the character shows as such while the others keep it."""
+    rows = []
+    for r in rows_for(RATES):
+        w = (r["seed"] * 20 + len(rows)) % 3                 # messages spread over the three wordings
+        keeps = not (r["setting"] == "tuned/plain+drop" and w == 1)
+        rows.append(dict(r, drop_wording=w, checks={"1": r["checks"]["1"] and keeps}))
+    cells = S.rates_by_drop_wording(rows, TRAITS)["1"]
+    assert [c["instruction"] for c in cells] == S.DROP_PERSONA
+    assert cells[1]["tuned/plain+drop"] == 0 and cells[1]["kept_tuned"] <= 0
+    assert cells[0]["kept_tuned"] > 0.5 and cells[2]["kept_tuned"] > 0.5
+    assert sum(c["answers"] for c in cells) == sum(1 for r in rows if r["setting"] == "tuned/plain+drop")
+    assert S.drop_wording(0) == S.drop_wording(3) == 0 and S.drop_wording(1) == 1
+
+
 def test_an_everyday_request_that_was_trained_on_is_left_out(tmp_path):
     """The everyday requests must be ones the model never trained on: one that
     the traits file used as a training message (any case or spacing) is left
