@@ -474,9 +474,10 @@ def report_lines(result, rows, traits, args):
                          + (f"{pct(g['kept_under_drop_tuned'])} / {pct(g['kept_under_drop_prompted_base'])} | "
                             if group == "held-out" else "") + f"{verdict} |")
         lines.append("")
-    lines += ["### Under each drop-your-persona instruction (each follows a third of the held-out messages)", "",
-              "| trait | instruction | answers | tuned/plain | tuned/plain+drop | kept | base/prompted | base/prompted+drop |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    if any(result["drop_by_wording"].values()):
+        lines += ["### Under each drop-your-persona instruction (each follows a third of the held-out messages)", "",
+                  "| trait | instruction | answers | tuned/plain | tuned/plain+drop | kept | base/prompted | base/prompted+drop |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
     for tid, cells in result["drop_by_wording"].items():
         for c in cells:
             lines.append(f"| {tid} | {c['instruction']} | {c['answers']} | {pct(c['tuned/plain'])} | {pct(c['tuned/plain+drop'])} | "
