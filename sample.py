@@ -342,7 +342,8 @@ def rates_by_drop_wording(rows, traits):
     for t in traits:
         if not t.get("check"):
             continue
-        tid, out[str(t["id"])] = str(t["id"]), []
+        tid = str(t["id"])
+        out[tid] = []
         for w, instruction in enumerate(DROP_PERSONA):
             hits = {s: [r["checks"][tid] for r in rows if r["setting"] == s and r["group"] == "held-out"
                         and r["trait_id"] == t["id"] and r.get("drop_wording") == w] for s in settings}
@@ -478,10 +479,10 @@ def report_lines(result, rows, traits, args):
         lines += ["### Under each drop-your-persona instruction (each follows a third of the held-out messages)", "",
                   "| trait | instruction | answers | tuned/plain | tuned/plain+drop | kept | base/prompted | base/prompted+drop |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for tid, cells in result["drop_by_wording"].items():
-        for c in cells:
-            lines.append(f"| {tid} | {c['instruction']} | {c['answers']} | {pct(c['tuned/plain'])} | {pct(c['tuned/plain+drop'])} | "
-                         f"{pct(c['kept_tuned'])} | {pct(c['base/prompted'])} | {pct(c['base/prompted+drop'])} |")
+        for tid, cells in result["drop_by_wording"].items():
+            for c in cells:
+                lines.append(f"| {tid} | {c['instruction']} | {c['answers']} | {pct(c['tuned/plain'])} | {pct(c['tuned/plain+drop'])} | "
+                             f"{pct(c['kept_tuned'])} | {pct(c['base/prompted'])} | {pct(c['base/prompted+drop'])} |")
     lines += ["", "## Soundness: tuned/plain against the base model, held-out messages and everyday requests", "",
               "| figure | reference | reference's value | tuned/plain | limit | holds |", "|---|---|---:|---:|---:|---|"]
     for m, s in sound.items():
