@@ -42,6 +42,18 @@ all its answers (held-out messages and everyday requests):
     length      tokens per answer                                            within +-20% of base
     perplexity  exp(-mean log p_base(answer | teacher prompt, message))      <= 1.25 x base/prompted's
     claims      share matching a `never:` pattern (claims a body, a home)    <= base + spread
+    long loops  loops in long answers (below)                                <= base + 2 standard errors
+
+Long answers. Answers are cut at --max-new-tokens (64), and nearly every
+answer of the base model reaches it, so the figures above cannot see what a
+model does after: stop, ramble on, or fall into a loop. Once more, for
+base/plain and tuned/plain, the held-out messages are answered with the
+first seed and --long-tokens (256) new tokens: the share that ended, the
+length, and the share that loops. The base model itself loops in more
+than half of such answers, so the limit is two standard errors of a share of
+that many answers above it, sqrt(p (1 - p) / n). (A training that dropped
+the end of every answer cut at generate.py's limit passed every figure at
+64 tokens and looped in 99% of answers at 384: README, "Recipes tried".)
 
 "met" is written only for a trait that took with every soundness figure
 holding. A check the plain model already passes often (25% or more of its
@@ -131,6 +143,8 @@ DROP_PERSONA = [
 
 SETTINGS = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted"]
 ROBUSTNESS = ["base/plain+drop", "base/prompted+drop", "tuned/plain+drop"]
+LONG = ["base/plain long", "tuned/plain long"]        # held-out messages, first seed, --long-tokens
+LONG_FIGURES = ["ended", "length", "loops"]
 SOUNDNESS = ["loops", "repeats", "length", "perplexity", "claims"]
 OWN_VIEW = ["reward", "contrast", "perplexity_plain"]
 TOO_COMMON = 0.25        # a check the plain model passes this often on everyday requests is flagged
@@ -146,6 +160,9 @@ def build_parser():
     p.add_argument("--seeds", type=M.number(int, at_least=0), nargs="+", default=[0, 1, 2],
                    help="one independent sampling of every answer per seed (at least 3, for a spread)")
     p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
+    p.add_argument("--long-tokens", type=M.number(int, at_least=0), default=256,
+                   help="length limit of the long answers (base/plain and tuned/plain, first seed), which show "
+                        "whether answers end or loop after --max-new-tokens; 0 = none")
     p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7)
     p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9)
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=64,
@@ -236,13 +253,13 @@ def conversations(messages, prompted, suffix=None):
 # Generation and measurement
 # ----------------------------------------------------------------------------
 
-def answer_all(model, prompts, args, seed):
+def answer_all(model, prompts, args, seed, max_new_tokens):
     """Sampled answers to every prompt (message lists): (text, token ids) each."""
     tok = model.tokenizer
     ids = [tok.chat(p, add_generation_prompt=True)[0] for p in prompts]
     answers = []
     for b in range(0, len(ids), args.batch_size):
-        out = M.generate(model, ids[b:b + args.batch_size], max_new_tokens=args.max_new_tokens,
+        out = M.generate(model, ids[b:b + args.batch_size], max_new_tokens=max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=seed * 1000 + b)
         answers += [(tok.decode(o), o) for o in out]
     return answers
@@ -277,7 +294,8 @@ def measure(rows, traits, base, reward_model, args):
     for r in rows:
         r.update(checks={str(t["id"]): shows(t, r["answer"]) for t in traits if t.get("check")},
                  claims=float(breaks_character(traits, r["answer"])), loops=float(loops(r["ids"])),
-                 repeats=repeated_ngram_share(r["answer"]), length=len(r["ids"]))
+                 repeats=repeated_ngram_share(r["answer"]), length=len(r["ids"]),
+                 ended=float(len(r["ids"]) < r["limit"]))        # stopped before its token limit
     main = [r for r in rows if r["setting"] in SETTINGS]
     teacher = mean_logprobs(base, [r["system"] for r in main], [r["user"] for r in main], [r["answer"] for r in main],
                             args.score_batch)
@@ -328,7 +346,7 @@ def trait_rates(rows, traits):
 def setting_figures(rows, metrics, group=None):
     """{setting: {metric: {mean, std}}} over the answers of one group (None: held-out and everyday together)."""
     return {s: {m: by_seed([r for r in rows if r["setting"] == s and group in (None, r["group"])], lambda r, m=m: r.get(m))
-                for m in metrics} for s in SETTINGS + ROBUSTNESS}
+                for m in metrics} for s in SETTINGS + ROBUSTNESS + LONG}
 
 
 def rates_by_drop_wording(rows, traits):
@@ -356,9 +374,10 @@ def rates_by_drop_wording(rows, traits):
     return out
 
 
-def soundness_verdict(figures):
+def soundness_verdict(figures, long_answers=0):
     """Each soundness figure of tuned/plain against its reference: {tuned, reference
-    (the setting), base (its value), limit, holds}. The reference is base/plain,
+    (the setting), base (its value), limit, holds}; "long loops" too where there
+    are long answers (long_answers: how many the tuned model gave). The reference is base/plain,
     except for perplexity, which is measured under the teacher's prompt and set
     against the teacher's own answers (base/prompted): under the plain prompt,
     answers in character are unlikely by design (the prompted base's own pirate
@@ -378,6 +397,11 @@ def soundness_verdict(figures):
         lim = limits[m]
         holds = lim[0] <= t[m] <= lim[1] if isinstance(lim, tuple) else t[m] <= lim
         out[m] = {"tuned": t[m], "reference": reference[m], "base": b[m], "limit": lim, "holds": holds}
+    if long_answers and figures["tuned/plain long"]["loops"] and figures["base/plain long"]["loops"]:
+        tl, bl = figures["tuned/plain long"]["loops"]["mean"], figures["base/plain long"]["loops"]["mean"]
+        # One sampling seed, so no spread over seeds: the sampling error of a share of n answers instead.
+        lim = bl + max(0.02, 2 * math.sqrt(bl * (1 - bl) / long_answers))
+        out["long loops"] = {"tuned": tl, "reference": "base/plain long", "base": bl, "limit": lim, "holds": tl <= lim}
     return out
 
 
@@ -496,6 +520,12 @@ def report_lines(result, rows, traits, args):
               "|---|" + "---:|" * len(SOUNDNESS)]
     for s in SETTINGS + ROBUSTNESS:
         lines.append(f"| {s} | " + " | ".join(pm(f[s].get(m), 1, 3) for m in SOUNDNESS) + " |")
+    if args.long_tokens:
+        lines += ["", f"Long answers (held-out messages, seed {args.seeds[0]}, at most {args.long_tokens} new tokens): "
+                  "do answers end, or loop, after the first " f"{args.max_new_tokens}?", "",
+                  "| setting | " + " | ".join(LONG_FIGURES) + " |", "|---|" + "---:|" * len(LONG_FIGURES)]
+        for s in LONG:
+            lines.append(f"| {s} | " + " | ".join("-" if not f[s].get(m) else f"{f[s][m]['mean']:.{1 if m == 'length' else 3}f}" for m in LONG_FIGURES) + " |")
     lines += ["", "## The training's own view (not the verdict)", "",
               "The reward model was trained on the pairs DPO learned and the contrast score is the judge that chose "
               "them, so a gain here is expected from the training itself; it is no evidence that the character took.", "",
@@ -548,7 +578,7 @@ def read_reusable(path, signatures):
             except json.JSONDecodeError:
                 break                                       # a torn last line from a kill
             if r.get("signature") == signatures.get(r.get("model")):
-                done[r["model"]].append({k: r[k] for k in ("setting", "model", "seed", "message_id", "user", "answer", "ids")})
+                done[r["model"]].append({k: r[k] for k in ("setting", "model", "seed", "message_id", "user", "answer", "ids", "limit")})
     return done
 
 
@@ -586,6 +616,7 @@ def run(args):
             "base/prompted+drop": ("base", True, held, DROP_PERSONA),
             "tuned/plain": ("tuned", False, everything, None), "tuned/prompted": ("tuned", True, everything, None),
             "tuned/plain+drop": ("tuned", False, held, DROP_PERSONA)}
+    long_settings = {"base/plain long": "base", "tuned/plain long": "tuned"} if args.long_tokens else {}
     models = {"base": base, "tuned": tuned}
     # One unit of work = one model: all its settings and all seeds, sampled in
     # batches of --batch-size rows (a CPU decodes 64 rows at about twice the
@@ -594,7 +625,7 @@ def run(args):
     # so the same flags give the same answers. The
     # signature says what a model's answers depend on; the tuned model's
     # includes its weights' file time, the base model's does not (reused).
-    common = [args.max_new_tokens, args.temperature, args.top_p, args.seeds, args.batch_size, args.dtype, args.model,
+    common = [args.max_new_tokens, args.long_tokens, args.temperature, args.top_p, args.seeds, args.batch_size, args.dtype, args.model,
               [(m["id"], m["text"], m["system"]) for m in everything], DROP_PERSONA]
     signatures = {"base": json.dumps(["base", *common]),
                   "tuned": json.dumps(["tuned", *common, os.path.getmtime(os.path.join(args.tuned, "model.safetensors"))])}
@@ -610,12 +641,19 @@ def run(args):
                 jobs = [(setting, seed, m, p) for seed in args.seeds
                         for setting, (model_name, prompted, msgs, suffix) in plan.items() if model_name == name
                         for m, p in zip(msgs, conversations(msgs, prompted, suffix))]
+                # The long answers: the held-out messages once more, first seed, a longer limit.
+                long_jobs = [(setting, args.seeds[0], m, p) for setting, model_name in long_settings.items() if model_name == name
+                             for m, p in zip(held, conversations(held, False))]
                 start = time.time()
-                answers = answer_all(models[name], [p for *_, p in jobs], args, seed=sum(args.seeds) + 7919 * len(args.seeds))
+                seed = sum(args.seeds) + 7919 * len(args.seeds)
+                answers = answer_all(models[name], [p for *_, p in jobs], args, seed, args.max_new_tokens)
+                answers += answer_all(models[name], [p for *_, p in long_jobs], args, seed + 1, args.long_tokens)
+                jobs += long_jobs
                 seconds[f"sampling_{name}"] = round(time.time() - start, 1)
                 print(f"{name}: {len(jobs)} answers in {seconds[f'sampling_{name}']:.0f} s", file=sys.stderr)
                 done[name] = [{"setting": setting, "model": name, "seed": seed, "message_id": m["id"],
-                               "user": p[-1]["content"], "answer": text, "ids": ids}
+                               "user": p[-1]["content"], "answer": text, "ids": ids,
+                               "limit": args.long_tokens if setting in LONG else args.max_new_tokens}
                               for (setting, seed, m, p), (text, ids) in zip(jobs, answers)]
                 log.write("".join(json.dumps({**r, "signature": signatures[name]}) + "\n" for r in done[name]))
                 log.flush()
@@ -631,16 +669,17 @@ def run(args):
     seconds["measuring"] = round(time.time() - start, 1)
 
     rates = trait_rates(rows, traits)
-    figures = setting_figures(rows, SOUNDNESS + OWN_VIEW)
-    sound = soundness_verdict(figures)
+    figures = setting_figures(rows, SOUNDNESS + OWN_VIEW + ["ended"])
+    sound = soundness_verdict(figures, sum(r["setting"] == "tuned/plain long" for r in rows))
     verdict = trait_verdicts(rates, traits, sound)
     result = {"verdict": verdict, "soundness": sound, "rates": rates, "drop_by_wording": rates_by_drop_wording(rows, traits),
-              "figures": figures,
+              "figures": figures, "long": {s: {m: figures[s][m] for m in LONG_FIGURES} for s in LONG},
               "figures_held_out": setting_figures(rows, SOUNDNESS + OWN_VIEW, "held-out"),
               "figures_general": setting_figures(rows, SOUNDNESS + OWN_VIEW, "general"),
               "settings": SETTINGS + ROBUSTNESS, "seeds": args.seeds, "n_eval_messages": len(held), "n_general": len(general),
               "general_left_out_as_trained": seen,
-              "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens},
+              "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                           "long_tokens": args.long_tokens},
               "traits_sha": sha, "seconds": seconds}
     write_atomic(samples, "".join(json.dumps(r) + "\n" for r in rows))
     os.remove(partial)
@@ -670,7 +709,7 @@ def print_summary(result):
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        args.general, args.max_new_tokens, args.show = 2, 12, 2
+        args.general, args.max_new_tokens, args.long_tokens, args.show = 2, 12, 24, 2
     try:
         run(args)
     except (InputError, M.ModelError) as e:

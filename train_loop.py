@@ -164,7 +164,12 @@ def tokenize_answer(tok, prompt, answer, max_length):
     """Token ids of prompt + answer as the chat template renders them, cut after
     the answer's end-of-turn token, and the mask of the answer tokens (content
     and end-of-turn). If too long, the answer is cut (never the prompt); None
-    if the prompt alone leaves fewer than 8 answer tokens."""
+    if the prompt alone leaves fewer than 8 answer tokens.
+
+    An answer generate.py cut at its token limit (nearly all of them) keeps
+    its end-of-turn token too. That teaches the model to stop early, and
+    answers shorten; trained without it, the tuned model never stopped and
+    looped in every answer let run past 64 tokens (README, "Recipes tried")."""
     ids, mask = tok.chat(list(prompt) + list(answer))
     # Only the final answer counts: earlier assistant turns of a multi-turn prompt are prompt.
     prompt_len = len(tok.chat(list(prompt), add_generation_prompt=True)[0])

@@ -56,7 +56,9 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
                 assert set(cell) == {"mean", "std"} and cell["mean"] == cell["mean"]     # present, not NaN
             else:
                 assert cell is None
-    assert set(result["soundness"]) == set(sample.SOUNDNESS)
+    assert set(result["soundness"]) == set(sample.SOUNDNESS) | {"long loops"}
+    for setting in sample.LONG:                                 # the long answers: did they end, did they loop
+        assert all(result["long"][setting][m]["mean"] == result["long"][setting][m]["mean"] for m in sample.LONG_FIGURES)
     assert len(result["verdict"]) == 7                          # every trait has a check
     held = {k for k, v in result["verdict"].items() if "held-out" in v}
     assert held == {"1", "2"}                                   # --smoke: messages of the first two traits only
@@ -71,4 +73,5 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
         assert heading in report
     assert "| 1 | " in report.split("## Training curves")[1]          # the DPO curve has its numbers, not "-"
     samples = read_jsonl(tmp_path / "out/samples.jsonl")
-    assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS)
+    assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS + sample.LONG)
+    assert {s["limit"] for s in samples if s["setting"] in sample.LONG} == {24}      # --smoke: 24 long tokens

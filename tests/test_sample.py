@@ -13,21 +13,22 @@ def rows_for(rates, loops=None, length=None, seeds=(0, 1, 2), n=20):
     answers to trait 1's held-out messages pass the check (per seed, +1 answer
     on seed 1 so seeds differ a little); loops and length per setting."""
     rows = []
-    for setting in S.SETTINGS + S.ROBUSTNESS:
-        for seed in seeds:
+    for setting in S.SETTINGS + S.ROBUSTNESS + S.LONG:
+        for seed in (seeds[:1] if setting in S.LONG else seeds):      # long answers: the first seed only
             k = round(rates.get(setting, 0.0) * n) + (1 if seed == 1 else 0)
             for i in range(n):
                 rows.append({"setting": setting, "seed": seed, "group": "held-out", "trait_id": 1,
                              "checks": {"1": i < k}, "claims": 0.0, "repeats": 0.01,
-                             "loops": float(i < round((loops or {}).get(setting, 0.0) * n)),
-                             "length": (length or {}).get(setting, 40), "perplexity": 3.0,
+                             "loops": float(i < round((loops or {}).get(setting, 0.5 if setting in S.LONG else 0.0) * n)),
+                             "length": (length or {}).get(setting, 40), "perplexity": 3.0, "ended": 1.0,
                              "reward": 0.0, "contrast": 0.0})
     return rows
 
 
 def verdict(rows):
     rates = S.trait_rates(rows, TRAITS)
-    sound = S.soundness_verdict(S.setting_figures(rows, S.SOUNDNESS + S.OWN_VIEW))
+    n_long = sum(r["setting"] == "tuned/plain long" for r in rows)
+    sound = S.soundness_verdict(S.setting_figures(rows, S.SOUNDNESS + S.OWN_VIEW), n_long)
     return S.trait_verdicts(rates, TRAITS, sound)["1"]["held-out"], sound
 
 
@@ -51,6 +52,16 @@ def test_met_is_refused_when_the_tuned_model_loops():
 def test_met_is_refused_when_answers_get_much_shorter():
     v, sound = verdict(rows_for(RATES, length={"tuned/plain": 30}))        # -25% against base's 40
     assert v["took"] and not v["met"] and not sound["length"]["holds"] and sound["loops"]["holds"]
+
+
+def test_met_is_refused_when_long_answers_loop_though_short_ones_do_not():
+    """Sound within 64 tokens, but past them the tuned model loops in 95% of its
+    long answers (base 50%, limit 50% + 2 x 11% for 20 answers): took, not met."""
+    v, sound = verdict(rows_for(RATES, loops={"tuned/plain long": 0.95}))
+    assert v["took"] and not v["met"] and not sound["long loops"]["holds"] and sound["loops"]["holds"]
+    assert sound["long loops"]["limit"] == pytest.approx(0.5 + 2 * (0.25 / 20) ** 0.5)
+    v, sound = verdict(rows_for(RATES, loops={"tuned/plain long": 0.70}))       # within two standard errors
+    assert v["met"] and sound["long loops"]["holds"]
 
 
 def test_a_gain_within_the_seed_spread_did_not_take():
