@@ -42,18 +42,22 @@ all its answers (held-out messages and everyday requests):
     length      tokens per answer                                            within +-20% of base
     perplexity  exp(-mean log p_base(answer | teacher prompt, message))      <= 1.25 x base/prompted's
     claims      share matching a `never:` pattern (claims a body, a home)    <= base + spread
-    long loops  loops in long answers (below)                                <= base + 2 standard errors
+    long loops  loops in long answers (below)                                <= base + 2 standard errors (2 points at least)
 
 Long answers. Answers are cut at --max-new-tokens (64), and nearly every
 answer of the base model reaches it, so the figures above cannot see what a
 model does after: stop, ramble on, or fall into a loop. Once more, for
-base/plain and tuned/plain, the held-out messages are answered with the
-first seed and --long-tokens (256) new tokens: the share that ended, the
-length, and the share that loops. The base model itself loops in more
-than half of such answers, so the limit is two standard errors of a share of
-that many answers above it, sqrt(p (1 - p) / n). (A training that dropped
-the end of every answer cut at generate.py's limit passed every figure at
-64 tokens and looped in 99% of answers at 384: README, "Recipes tried".)
+base/plain and tuned/plain, the held-out messages are answered once more,
+in one sampling of their own (labelled with the first seed), with
+--long-tokens (256) new tokens: the share that ended, the length, and the
+share that loops. The base model itself loops in more than half of such
+answers, and one sampling has no spread over seeds, so the limit is two
+standard errors of the difference of two shares of n answers each above
+base, 2 sqrt(2 p (1 - p) / n), and at least 2 points. (A training that
+dropped the end of every answer cut at generate.py's limit passed every
+figure at 64 tokens and looped in 95-100% of its answers at 256: README,
+"Recipes tried".) A model that stops has less room to loop, so the figure
+rewards stopping; that is the point of it.
 
 "met" is written only for a trait that took with every soundness figure
 holding. A check the plain model already passes often (25% or more of its
@@ -181,6 +185,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if len(args.seeds) < 2:
         p.error("give at least two --seeds, so every figure has a spread")
+    if 0 < args.long_tokens <= args.max_new_tokens:
+        p.error("--long-tokens must be 0 (none) or more than --max-new-tokens")
     return args
 
 
@@ -399,8 +405,8 @@ def soundness_verdict(figures, long_answers=0):
         out[m] = {"tuned": t[m], "reference": reference[m], "base": b[m], "limit": lim, "holds": holds}
     if long_answers and figures["tuned/plain long"]["loops"] and figures["base/plain long"]["loops"]:
         tl, bl = figures["tuned/plain long"]["loops"]["mean"], figures["base/plain long"]["loops"]["mean"]
-        # One sampling seed, so no spread over seeds: the sampling error of a share of n answers instead.
-        lim = bl + max(0.02, 2 * math.sqrt(bl * (1 - bl) / long_answers))
+        # One sampling, so no spread over seeds: the standard error of the difference of two shares of n answers.
+        lim = bl + max(0.02, 2 * math.sqrt(2 * bl * (1 - bl) / long_answers))
         out["long loops"] = {"tuned": tl, "reference": "base/plain long", "base": bl, "limit": lim, "holds": tl <= lim}
     return out
 
@@ -521,7 +527,7 @@ def report_lines(result, rows, traits, args):
     for s in SETTINGS + ROBUSTNESS:
         lines.append(f"| {s} | " + " | ".join(pm(f[s].get(m), 1, 3) for m in SOUNDNESS) + " |")
     if args.long_tokens:
-        lines += ["", f"Long answers (held-out messages, seed {args.seeds[0]}, at most {args.long_tokens} new tokens): "
+        lines += ["", f"Long answers (held-out messages, one sampling of their own, at most {args.long_tokens} new tokens): "
                   "do answers end, or loop, after the first " f"{args.max_new_tokens}?", "",
                   "| setting | " + " | ".join(LONG_FIGURES) + " |", "|---|" + "---:|" * len(LONG_FIGURES)]
         for s in LONG:
@@ -540,7 +546,7 @@ def report_lines(result, rows, traits, args):
         same = {r["setting"]: r for r in first if r["message_id"] == mid}
         any_row = next(iter(same.values()))
         lines += [f"### {any_row['user_text']}", "", f"*{any_row['trait']}*", ""]
-        for setting in SETTINGS + ROBUSTNESS:
+        for setting in SETTINGS + ROBUSTNESS + LONG:
             if setting in same:
                 r = same[setting]
                 extra = "" if "drop" not in setting else f" (user added: \"{r['user'][len(r['user_text']):].strip()}\")"

@@ -74,4 +74,6 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
     assert "| 1 | " in report.split("## Training curves")[1]          # the DPO curve has its numbers, not "-"
     samples = read_jsonl(tmp_path / "out/samples.jsonl")
     assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS + sample.LONG)
-    assert {s["limit"] for s in samples if s["setting"] in sample.LONG} == {24}      # --smoke: 24 long tokens
+    long = [s for s in samples if s["setting"] in sample.LONG]
+    assert {s["limit"] for s in long} == {24} and max(len(s["ids"]) for s in long) <= 24     # --smoke: 24 long tokens
+    assert max(len(s["ids"]) for s in long) > 12 and len(long) == 2 * result["n_eval_messages"]  # past the 12 of the rest

@@ -56,12 +56,14 @@ def test_met_is_refused_when_answers_get_much_shorter():
 
 def test_met_is_refused_when_long_answers_loop_though_short_ones_do_not():
     """Sound within 64 tokens, but past them the tuned model loops in 95% of its
-    long answers (base 50%, limit 50% + 2 x 11% for 20 answers): took, not met."""
+    long answers (base 50%; limit 50% + 2 x 16% for 20 answers each): took, not met."""
     v, sound = verdict(rows_for(RATES, loops={"tuned/plain long": 0.95}))
     assert v["took"] and not v["met"] and not sound["long loops"]["holds"] and sound["loops"]["holds"]
-    assert sound["long loops"]["limit"] == pytest.approx(0.5 + 2 * (0.25 / 20) ** 0.5)
-    v, sound = verdict(rows_for(RATES, loops={"tuned/plain long": 0.70}))       # within two standard errors
+    assert sound["long loops"]["limit"] == pytest.approx(0.5 + 2 * (2 * 0.25 / 20) ** 0.5)
+    v, sound = verdict(rows_for(RATES, loops={"tuned/plain long": 0.75}))       # within two standard errors
     assert v["met"] and sound["long loops"]["holds"]
+    _, sound = verdict(rows_for(RATES, loops={"base/plain long": 0.0, "tuned/plain long": 0.05}))
+    assert sound["long loops"]["limit"] == pytest.approx(0.02) and not sound["long loops"]["holds"]   # the 2-point floor
 
 
 def test_a_gain_within_the_seed_spread_did_not_take():
