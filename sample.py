@@ -46,7 +46,7 @@ all its answers (held-out messages and everyday requests):
 
 Long answers. Answers are cut at --max-new-tokens (64), and nearly every
 answer of the base model reaches it, so the figures above cannot see what a
-model does after: stop, ramble on, or fall into a loop. Once more, for
+model does after: stop, ramble on, or fall into a loop. So, for
 base/plain and tuned/plain, the held-out messages are answered once more,
 in one sampling of their own (labelled with the first seed), with
 --long-tokens (256) new tokens: the share that ended, the length, and the
@@ -147,7 +147,7 @@ DROP_PERSONA = [
 
 SETTINGS = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted"]
 ROBUSTNESS = ["base/plain+drop", "base/prompted+drop", "tuned/plain+drop"]
-LONG = ["base/plain long", "tuned/plain long"]        # held-out messages, first seed, --long-tokens
+LONG = ["base/plain long", "tuned/plain long"]        # held-out messages, one sampling, --long-tokens
 LONG_FIGURES = ["ended", "length", "loops"]
 SOUNDNESS = ["loops", "repeats", "length", "perplexity", "claims"]
 OWN_VIEW = ["reward", "contrast", "perplexity_plain"]
@@ -165,7 +165,7 @@ def build_parser():
                    help="one independent sampling of every answer per seed (at least 3, for a spread)")
     p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
     p.add_argument("--long-tokens", type=M.number(int, at_least=0), default=256,
-                   help="length limit of the long answers (base/plain and tuned/plain, first seed), which show "
+                   help="length limit of the long answers (base/plain and tuned/plain, one sampling), which show "
                         "whether answers end or loop after --max-new-tokens; 0 = none")
     p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7)
     p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9)
@@ -647,13 +647,13 @@ def run(args):
                 jobs = [(setting, seed, m, p) for seed in args.seeds
                         for setting, (model_name, prompted, msgs, suffix) in plan.items() if model_name == name
                         for m, p in zip(msgs, conversations(msgs, prompted, suffix))]
-                # The long answers: the held-out messages once more, first seed, a longer limit.
+                # The long answers: the held-out messages once more, one sampling of their own, a longer limit.
                 long_jobs = [(setting, args.seeds[0], m, p) for setting, model_name in long_settings.items() if model_name == name
                              for m, p in zip(held, conversations(held, False))]
                 start = time.time()
-                seed = sum(args.seeds) + 7919 * len(args.seeds)
-                answers = answer_all(models[name], [p for *_, p in jobs], args, seed, args.max_new_tokens)
-                answers += answer_all(models[name], [p for *_, p in long_jobs], args, seed + 1, args.long_tokens)
+                sampling_seed = sum(args.seeds) + 7919 * len(args.seeds)
+                answers = answer_all(models[name], [p for *_, p in jobs], args, sampling_seed, args.max_new_tokens)
+                answers += answer_all(models[name], [p for *_, p in long_jobs], args, sampling_seed + 1, args.long_tokens)
                 jobs += long_jobs
                 seconds[f"sampling_{name}"] = round(time.time() - start, 1)
                 print(f"{name}: {len(jobs)} answers in {seconds[f'sampling_{name}']:.0f} s", file=sys.stderr)
