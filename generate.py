@@ -23,7 +23,12 @@ pipeline learns from:
    each other (near: Jaccard similarity of their word sets, |A n B| / |A u B|,
    at least --max-similarity). The seeds are kept as messages too. A fixed
    share of each trait's messages (--eval-fraction) is held out as the "eval"
-   split: no training stage uses it; sample.py measures on it.
+   split: no training stage uses it; sample.py measures on it. A share of
+   ~105 messages is 21, and sample.py's figures need 30 (x 3 seeds = 90
+   answers a cell), so the split is topped up to --eval-messages from the
+   surplus: usable lines the lists wrote beyond --new-per-trait. The top-up
+   goes at the end of the file, after every trait's own messages, so the
+   training messages and their answers are exactly those without it.
 
 2. Answers. Each message is answered K times (--answers), sampled: K-1
    times with the trait's teacher prompt as the system prompt (its role and
@@ -93,7 +98,7 @@ PROG = "generate.py"
 
 # --smoke: the smallest run that still goes through every step (CI, a first try).
 SMOKE = dict(max_traits=2, max_seeds=2, new_per_trait=1, list_samples=1, list_tokens=48,
-             answers=4, max_new_tokens=32)
+             eval_messages=0, answers=4, max_new_tokens=32)
 
 
 def build_parser():
@@ -122,6 +127,10 @@ def build_parser():
                    help="a message whose word-set Jaccard similarity to a kept one is at least this is a near duplicate")
     p.add_argument("--eval-fraction", type=M.number(float, at_least=0, below=1), default=0.2,
                    help="share of each trait's messages held out as the eval split (at least 1 when a trait has 2 or more)")
+    p.add_argument("--eval-messages", type=M.number(int, at_least=0), default=30,
+                   help="held-out messages per trait at least: where --eval-fraction gives fewer, the split is topped up "
+                        "from the surplus (messages the filters passed beyond --new-per-trait), so the training messages "
+                        "stay the same; 30 x sample.py's 3 seeds = 90 answers a cell (0, or --eval-fraction 0: no top-up)")
     # answers
     p.add_argument("--answers", type=M.number(int, at_least=2), default=4, help="K answers per message: K-1 with the trait, 1 plain")
     p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
@@ -233,7 +242,7 @@ def choose_eval(n, fraction, rng):
 
 def build_queries(traits, lists, args, sha):
     """Turn the list continuations into the final message records (deterministic)."""
-    queries, report = [], {}
+    queries, top_ups, report = [], [], {}
     for t in traits:
         per_sample = []
         for item in sorted((x for x in lists if x["trait_id"] == t["id"]), key=lambda x: x["sample"]):
@@ -243,17 +252,29 @@ def build_queries(traits, lists, args, sha):
         # Take the samples' items in turn (1st of each, then 2nd of each, ...): the first
         # lines of a continuation stay closest to the seeds, and each sample saw another seed order.
         candidates = [s[j] for j in range(max(map(len, per_sample), default=0)) for s in per_sample if j < len(s)]
-        new, counts = select_messages(candidates, t["seeds"], args.new_per_trait,
-                                      args.max_message_chars, args.max_similarity)
+        # Selection is in order, so the first new_per_trait of a longer selection are
+        # exactly the messages a selection of new_per_trait keeps; the rest are spare.
+        chosen, counts = select_messages(candidates, t["seeds"], args.new_per_trait + args.eval_messages,
+                                         args.max_message_chars, args.max_similarity)
+        new, spare = chosen[:args.new_per_trait], chosen[args.new_per_trait:]
         seeds = t["seeds"][:args.max_seeds] if args.max_seeds is not None else t["seeds"]
         texts = [(s, "seed") for s in seeds] + [(s, "generated") for s in new]
         eval_idx = choose_eval(len(texts), args.eval_fraction, random.Random(unit_seed(args.seed, "split", t["id"])))
         for i, (text, source) in enumerate(texts):
             queries.append({"id": f"t{t['id']}-q{i:03d}", "trait_id": t["id"], "trait": t["text"], "text": text,
                             "source": source, "split": "eval" if i in eval_idx else "train", "traits_sha": sha})
-        report[t["id"]] = {"candidates": len(candidates), **counts, "messages": len(texts),
-                           "eval": len(eval_idx)}
-    return queries, report
+        # The eval top-up: enough spare messages to hold out --eval-messages in all.
+        # They are not near duplicates of any message kept (select_messages checked).
+        top_up = spare[:max(0, args.eval_messages - len(eval_idx))] if args.eval_fraction > 0 else []
+        top_ups += [{"id": f"t{t['id']}-q{len(texts) + j:03d}", "trait_id": t["id"], "trait": t["text"], "text": text,
+                     "source": "generated", "split": "eval", "traits_sha": sha} for j, text in enumerate(top_up)]
+        counts = {k: v for k, v in {**counts, "kept": len(new), "eval top-up": len(top_up),
+                                    "surplus": counts.get("surplus", 0) + len(spare) - len(top_up)}.items() if v}
+        report[t["id"]] = {"candidates": len(candidates), **counts, "messages": len(texts) + len(top_up),
+                           "eval": len(eval_idx) + len(top_up)}
+    # After every trait's own messages: the training messages keep their place in the
+    # answer units, so their answers are those a run without the top-up samples.
+    return queries + top_ups, report
 
 
 # ----------------------------------------------------------------------------
@@ -527,8 +548,12 @@ def print_summary(traits, list_report, report, args):
     print(f"\n{'trait':>5}  {'candidates':>10}  {'kept':>4}  {'dropped (reason: count)':<40}  messages  eval")
     for t in traits:
         r = list_report[t["id"]]
-        dropped = ", ".join(f"{k}: {v}" for k, v in r.items() if k not in ("candidates", "kept", "messages", "eval"))
-        print(f"{t['id']:>5}  {r['candidates']:>10}  {r.get('kept', 0):>4}  {dropped or '-':<40}  {r['messages']:>8}  {r['eval']:>4}")
+        dropped = ", ".join(f"{k}: {v}" for k, v in r.items() if k not in ("candidates", "kept", "eval top-up", "messages", "eval"))
+        top_up = f" ({r['eval top-up']} topped up)" if r.get("eval top-up") else ""
+        print(f"{t['id']:>5}  {r['candidates']:>10}  {r.get('kept', 0):>4}  {dropped or '-':<40}  {r['messages']:>8}  {r['eval']:>4}{top_up}")
+        if 0 < args.eval_fraction and r["eval"] < args.eval_messages:
+            print(f"{PROG}: note: trait {t['id']} holds out {r['eval']} messages, fewer than --eval-messages "
+                  f"{args.eval_messages} (too little surplus: raise --list-samples)", file=sys.stderr)
     print(f"{report['messages']} messages ({report['eval_messages']} eval), {report['answers']} answers "
           f"({100 * report['truncated_share']:.0f}% hit --max-new-tokens and were trimmed to a sentence), "
           f"{report['seconds_total']:.0f} s")
