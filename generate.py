@@ -27,8 +27,9 @@ pipeline learns from:
    ~105 messages is 21, and sample.py's figures need 30 (x 3 seeds = 90
    answers a cell), so the split is topped up to --eval-messages from the
    surplus: usable lines the lists wrote beyond --new-per-trait. The top-up
-   goes at the end of the file, after every trait's own messages, so the
-   training messages and their answers are exactly those without it.
+   goes at the end of the file, after every trait's own messages, and is
+   not answered here (eval answers serve only rank.py's sanity figures), so
+   every other message, answer and pair is exactly that of a run without it.
 
 2. Answers. Each message is answered K times (--answers), sampled: K-1
    times with the trait's teacher prompt as the system prompt (its role and
@@ -51,7 +52,7 @@ Reads:  traits.txt (its format: character.py).
 Writes: data/queries.jsonl    one user message per line:
           {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
            "split": "train"|"eval", "traits_sha"}
-        data/responses.jsonl  one message per line, with its K answers:
+        data/responses.jsonl  one message per line (all but the eval top-up), with its K answers:
           {"query_id", "trait_id", "trait", "split", "text", "system",
            "responses": [{"text", "prompt": "traits"|"plain", "truncated", "n_tokens"}, ...],
            "traits_sha"}
@@ -241,7 +242,8 @@ def choose_eval(n, fraction, rng):
 
 
 def build_queries(traits, lists, args, sha):
-    """Turn the list continuations into the final message records (deterministic)."""
+    """Turn the list continuations into the final message records (deterministic):
+    (each trait's messages, the eval top-up, a report per trait)."""
     queries, top_ups, report = [], [], {}
     for t in traits:
         per_sample = []
@@ -272,9 +274,7 @@ def build_queries(traits, lists, args, sha):
                                     "surplus": counts.get("surplus", 0) + len(spare) - len(top_up)}.items() if v}
         report[t["id"]] = {"candidates": len(candidates), **counts, "messages": len(texts) + len(top_up),
                            "eval": len(eval_idx) + len(top_up)}
-    # After every trait's own messages: the training messages keep their place in the
-    # answer units, so their answers are those a run without the top-up samples.
-    return queries + top_ups, report
+    return queries, top_ups, report
 
 
 # ----------------------------------------------------------------------------
@@ -493,9 +493,9 @@ def run(args, model=None):
     header = {"step": "lists", **common, "traits": [t["id"] for t in traits], "batch_size": args.batch_size,
               "list_samples": args.list_samples, "list_tokens": args.list_tokens, "new_per_trait": args.new_per_trait}
     lists = [x for unit in run_units(len(batches), do_list_unit, args.queries, header, rank, world, "messages") for x in unit]
-    queries, list_report = build_queries(traits, lists, args, sha)
-    if rank == 0:
-        write_jsonl_atomic(args.queries, queries)
+    queries, top_up, list_report = build_queries(traits, lists, args, sha)
+    if rank == 0:                                # the top-up last: it is asked by sample.py, never answered here
+        write_jsonl_atomic(args.queries, queries + top_up)
     t_lists = time.time() - t_start
 
     # --- stage 2: K answers per message, in units of whole messages ------------
@@ -533,7 +533,8 @@ def run(args, model=None):
         return None
     write_jsonl_atomic(args.responses, responses)
     all_answers = [a for r in responses for a in r["responses"]]
-    report = {"traits_sha": sha, "messages": len(queries), "eval_messages": sum(q["split"] == "eval" for q in queries),
+    report = {"traits_sha": sha, "messages": len(queries) + len(top_up),
+              "eval_messages": sum(q["split"] == "eval" for q in queries + top_up), "eval_top_up": len(top_up),
               "answers": len(all_answers), "truncated_share": round(sum(a["truncated"] for a in all_answers) / len(all_answers), 3),
               "per_trait": {str(k): v for k, v in list_report.items()},
               "seconds_messages": round(t_lists, 1), "seconds_total": round(time.time() - t_start, 1)}
@@ -554,7 +555,8 @@ def print_summary(traits, list_report, report, args):
         if 0 < args.eval_fraction and r["eval"] < args.eval_messages:
             print(f"{PROG}: note: trait {t['id']} holds out {r['eval']} messages, fewer than --eval-messages "
                   f"{args.eval_messages} (too little surplus: raise --list-samples)", file=sys.stderr)
-    print(f"{report['messages']} messages ({report['eval_messages']} eval), {report['answers']} answers "
+    print(f"{report['messages']} messages ({report['eval_messages']} eval, {report['eval_top_up']} of them the top-up, not answered), "
+          f"{report['answers']} answers "
           f"({100 * report['truncated_share']:.0f}% hit --max-new-tokens and were trimmed to a sentence), "
           f"{report['seconds_total']:.0f} s")
     print(f"wrote {args.queries}, {args.responses}, {args.report}")

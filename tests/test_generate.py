@@ -199,7 +199,7 @@ def test_build_queries_keeps_seeds_takes_samples_in_turn_and_drops_cut_lines(tmp
              {"trait_id": 1, "sample": 0, "continuation": " Can you sing a sea shanty?\n5. What is the best ship to", "hit_limit": True},
              {"trait_id": 2, "sample": 0, "continuation": " not a numbered list", "hit_limit": False}]
     args = G.parse_args(["--new-per-trait", "2", "--eval-fraction", "0"])
-    queries, report = G.build_queries(traits, lists, args, "sha")
+    queries, _, report = G.build_queries(traits, lists, args, "sha")
     t1 = [(q["text"], q["source"]) for q in queries if q["trait_id"] == 1]
     assert t1 == [(s, "seed") for s in traits[0]["seeds"]] + [
         ("Can you sing a sea shanty?", "generated"), ("Where is the treasure buried?", "generated")]
@@ -209,17 +209,17 @@ def test_build_queries_keeps_seeds_takes_samples_in_turn_and_drops_cut_lines(tmp
 
 def test_eval_top_up_takes_surplus_messages_and_leaves_the_training_messages_alone(tmp_path):
     """Below --eval-messages the eval split is topped up from the surplus (usable lines beyond
-    --new-per-trait, no near duplicates), appended after every trait's own messages; the
-    messages and splits before them are exactly those of a run without the top-up."""
+    --new-per-trait, no near duplicates), kept apart from the trait's own messages, which
+    are exactly those of a run without the top-up."""
     traits = C.parse_traits(write_traits(str(tmp_path)))
     lists = [{"trait_id": 1, "sample": 0, "hit_limit": False, "continuation":
               " Can you sing a sea shanty?\n5. Where is the treasure buried?\n6. Do you own a parrot?\n"
               "7. Do you own a green parrot?\n8. What do pirates eat for breakfast?\n9. Is the sea cold at night?"},
              {"trait_id": 2, "sample": 0, "continuation": " What is your ship called?", "hit_limit": False}]
-    plain, _ = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-messages", "0"]), "sha")
-    topped, report = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-messages", "3"]), "sha")
-    assert topped[:len(plain)] == plain
-    extra = topped[len(plain):]
+    plain, none, _ = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-messages", "0"]), "sha")
+    own, extra, report = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-messages", "3"]), "sha")
+    assert own == plain and none == []
+    topped = own + extra
     assert [(q["trait_id"], q["text"], q["split"]) for q in extra] == [
         (1, "Do you own a parrot?", "eval"), (1, "What do pirates eat for breakfast?", "eval")]  # the green parrot is a near duplicate
     assert [q["id"] for q in extra] == ["t1-q005", "t1-q006"]                                    # ids go on from the trait's own
@@ -227,8 +227,8 @@ def test_eval_top_up_takes_surplus_messages_and_leaves_the_training_messages_alo
     assert report[1]["eval top-up"] == 2 and report[1]["surplus"] == 1 and report[1]["kept"] == 2
     assert sum(v for k, v in report[1].items() if k not in ("candidates", "messages", "eval")) == report[1]["candidates"]
     assert "eval top-up" not in report[2]                                                        # no surplus: nothing to top up with
-    off, _ = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-fraction", "0"]), "sha")
-    assert all(q["split"] == "train" for q in off)                                               # nothing held out means nothing
+    off, extra, _ = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-fraction", "0"]), "sha")
+    assert all(q["split"] == "train" for q in off) and extra == []                               # nothing held out means nothing
 
 
 def test_eval_split_is_a_fixed_fraction_never_all():
@@ -349,7 +349,7 @@ def test_smoke_sets_small_sizes_and_explicit_flags_win():
 def test_both_stages_on_the_real_model(real_model, tmp_path):
     """generate.py then rank.py (both judges) on the embedded model, 2 traits with 2 messages each:
     the model writes at least one usable new message, the eval split is topped up after them
-    from the surplus, every answer is scored, pairs come from train only."""
+    from the surplus (not answered), every answer is scored, pairs come from train only."""
     import rank as R
     d = str(tmp_path)
     G.main(["--traits", os.path.join(ROOT, "traits.txt"), "--queries", f"{d}/queries.jsonl", "--responses", f"{d}/responses.jsonl",
@@ -364,13 +364,14 @@ def test_both_stages_on_the_real_model(real_model, tmp_path):
     generated = [q for q in queries if q["source"] == "generated"]
     assert generated and all(len(q["text"]) > 10 for q in generated), queries
     responses = G.read_jsonl(f"{d}/responses.jsonl")
+    assert [r["query_id"] for r in responses] == [q["id"] for q in queries[:4]]
     assert all(len(r["responses"]) == 2 and any(a["text"] for a in r["responses"]) for r in responses)
     for judge in ("contrast", "compare"):
         R.main(["--traits", os.path.join(ROOT, "traits.txt"), "--responses", f"{d}/responses.jsonl",
                 "--scores", f"{d}/scores_{judge}.jsonl", "--preferences", f"{d}/preferences_{judge}.jsonl",
                 "--report", f"{d}/rank_report_{judge}.json", "--judge", judge], model=real_model)
         scores = G.read_jsonl(f"{d}/scores_{judge}.jsonl")
-        assert len(scores) == len(queries) and all(len(s["scores"]) == 2 for s in scores)
+        assert len(scores) == 4 and all(len(s["scores"]) == 2 for s in scores)
         train = {q["id"] for q in queries if q["split"] == "train"}
         prefs = G.read_jsonl(f"{d}/preferences_{judge}.jsonl")
         assert prefs and {p["query_id"] for p in prefs} <= train
