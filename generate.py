@@ -23,15 +23,17 @@ pipeline learns from:
    each other (near: Jaccard similarity of their word sets, |A n B| / |A u B|,
    at least --max-similarity). The seeds are kept as messages too. A fixed
    share of each trait's messages (--eval-fraction) is held out as the "eval"
-   split: no training stage uses it; sample.py measures on it. A share of
-   ~105 messages is 21, and sample.py's figures need 30 (x 3 seeds = 90
-   answers a cell), so the split is topped up to --eval-messages from the
-   surplus: usable lines the lists wrote beyond --new-per-trait. The top-up
+   split: no training stage uses it; sample.py measures on it. 20% of the
+   pirate's ~105 messages a trait is 21, and sample.py's figures need 30
+   (x 3 seeds = 90 answers a cell), so the split is topped up to
+   --eval-messages from the surplus: usable lines the lists wrote beyond
+   --new-per-trait (the assistant's 7 traits, ~33 messages each, have less
+   surplus than they need; the summary says so). The top-up
    goes at the end of the file, after every trait's own messages, and is
    not answered here (eval answers serve only rank.py's sanity figures), so
    every other message, answer and pair is exactly that of a run without it.
 
-2. Answers. Each message is answered K times (--answers), sampled: K-1
+2. Answers. Each message (but the eval top-up) is answered K times (--answers), sampled: K-1
    times with the trait's teacher prompt as the system prompt (its role and
    the trait line, "You are a pirate. I talk like an old sea pirate, ...":
    `character.teacher_prompt`) and once with the model's plain default
@@ -533,7 +535,7 @@ def run(args, model=None):
         return None
     write_jsonl_atomic(args.responses, responses)
     all_answers = [a for r in responses for a in r["responses"]]
-    report = {"traits_sha": sha, "messages": len(queries) + len(top_up),
+    report = {"traits_sha": sha, "messages": len(queries) + len(top_up), "answered_messages": len(queries),
               "eval_messages": sum(q["split"] == "eval" for q in queries + top_up), "eval_top_up": len(top_up),
               "answers": len(all_answers), "truncated_share": round(sum(a["truncated"] for a in all_answers) / len(all_answers), 3),
               "per_trait": {str(k): v for k, v in list_report.items()},
@@ -554,7 +556,8 @@ def print_summary(traits, list_report, report, args):
         print(f"{t['id']:>5}  {r['candidates']:>10}  {r.get('kept', 0):>4}  {dropped or '-':<40}  {r['messages']:>8}  {r['eval']:>4}{top_up}")
         if 0 < args.eval_fraction and r["eval"] < args.eval_messages:
             print(f"{PROG}: note: trait {t['id']} holds out {r['eval']} messages, fewer than --eval-messages "
-                  f"{args.eval_messages} (too little surplus: raise --list-samples)", file=sys.stderr)
+                  f"{args.eval_messages} (too little surplus: more --list-samples would give more, "
+                  f"and change the training messages too)", file=sys.stderr)
     print(f"{report['messages']} messages ({report['eval_messages']} eval, {report['eval_top_up']} of them the top-up, not answered), "
           f"{report['answers']} answers "
           f"({100 * report['truncated_share']:.0f}% hit --max-new-tokens and were trimmed to a sentence), "

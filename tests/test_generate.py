@@ -214,14 +214,15 @@ def test_eval_top_up_takes_surplus_messages_and_leaves_the_training_messages_alo
     traits = C.parse_traits(write_traits(str(tmp_path)))
     lists = [{"trait_id": 1, "sample": 0, "hit_limit": False, "continuation":
               " Can you sing a sea shanty?\n5. Where is the treasure buried?\n6. Do you own a parrot?\n"
-              "7. Do you own a green parrot?\n8. What do pirates eat for breakfast?\n9. Is the sea cold at night?"},
+              "7. Do you own a green parrot?\n8. Can you sing a sea shanty now?\n9. What do pirates eat for breakfast?\n"
+              "10. Is the sea cold at night?"},
              {"trait_id": 2, "sample": 0, "continuation": " What is your ship called?", "hit_limit": False}]
     plain, none, _ = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-messages", "0"]), "sha")
     own, extra, report = G.build_queries(traits, lists, G.parse_args(["--new-per-trait", "2", "--eval-messages", "3"]), "sha")
     assert own == plain and none == []
     topped = own + extra
     assert [(q["trait_id"], q["text"], q["split"]) for q in extra] == [
-        (1, "Do you own a parrot?", "eval"), (1, "What do pirates eat for breakfast?", "eval")]  # the green parrot is a near duplicate
+        (1, "Do you own a parrot?", "eval"), (1, "What do pirates eat for breakfast?", "eval")]  # no near duplicate of a spare or a kept one
     assert [q["id"] for q in extra] == ["t1-q005", "t1-q006"]                                    # ids go on from the trait's own
     assert sum(q["split"] == "eval" for q in topped if q["trait_id"] == 1) == 3 == report[1]["eval"]
     assert report[1]["eval top-up"] == 2 and report[1]["surplus"] == 1 and report[1]["kept"] == 2
@@ -360,7 +361,11 @@ def test_both_stages_on_the_real_model(real_model, tmp_path):
     assert [q["trait_id"] for q in queries[:4]] == [1, 1, 2, 2]
     top_up = queries[4:]
     assert top_up and all(q["split"] == "eval" and q["source"] == "generated" for q in top_up), queries
-    assert all(sum(q["split"] == "eval" for q in queries if q["trait_id"] == t) <= 2 for t in (1, 2))
+    report = json.load(open(f"{d}/generate_report.json"))
+    for t in (1, 2):                                     # 1 of 2 own messages held out, then topped up towards 2
+        n_top_up = sum(q["trait_id"] == t for q in top_up)
+        assert n_top_up <= 1 and report["per_trait"][str(t)]["eval"] == 1 + n_top_up == sum(
+            q["split"] == "eval" for q in queries if q["trait_id"] == t)
     generated = [q for q in queries if q["source"] == "generated"]
     assert generated and all(len(q["text"]) > 10 for q in generated), queries
     responses = G.read_jsonl(f"{d}/responses.jsonl")
