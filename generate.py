@@ -51,7 +51,7 @@ pipeline learns from:
    1 looped in 10.6% of its answers (README, Results: loops).
 
 Reads:  traits.txt (its format: character.py).
-Writes: data/queries.jsonl    one user message per line:
+Writes: data/queries.jsonl    one user message per line, each trait's in turn, then the eval top-up:
           {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
            "split": "train"|"eval", "traits_sha"}
         data/responses.jsonl  one message per line (all but the eval top-up), with its K answers:
