@@ -2,6 +2,7 @@
 
     python bench/generate_speed.py                      # batch 1, 16, 64; fp32 and bf16
     python bench/generate_speed.py --batch 16 --dtype fp32
+    python bench/generate_speed.py --device cuda        # on a GPU
 
 Both sides run in this process on the same weights (the embedded model, saved
 once as a Hugging Face folder that `transformers` loads), the same prompts,
@@ -37,26 +38,36 @@ def prompts_for(tokenizer, batch):
     return [tokenizer.prompt(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
 
 
-def time_ours(model, prompts, new_tokens, repeats):
+def synchronize(device):
+    """A GPU runs ahead of Python: wait for it before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ours(model, prompts, new_tokens, repeats, device):
     best = float("inf")
     for r in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         out = M.generate(model, prompts, max_new_tokens=new_tokens, temperature=0.7, seed=r, stop_ids=[])
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
         assert all(len(o) == new_tokens for o in out)
     return len(prompts) * new_tokens / best
 
 
-def time_transformers(hf_model, prompts, pad_id, new_tokens, repeats):
-    ids, real, _ = M.left_pad(prompts, pad_id, "cpu")
+def time_transformers(hf_model, prompts, pad_id, new_tokens, repeats, device):
+    ids, real, _ = M.left_pad(prompts, pad_id, device)
     best = float("inf")
     for r in range(repeats):
         torch.manual_seed(r)
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf_model.generate(input_ids=ids, attention_mask=real.long(), do_sample=True, temperature=0.7,
                                     top_p=1.0, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                     pad_token_id=pad_id)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
         assert out.shape[1] - ids.shape[1] == new_tokens
     return len(prompts) * new_tokens / best
@@ -71,40 +82,43 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     p.add_argument("--model", default=None)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     args = p.parse_args()
+    device = M.pick_device(args.device)
     try:
         import transformers
     except ImportError:
         transformers = None
     if args.no_transformers:
         transformers = None
+    auto = "bf16" if M.pick_dtype(device, "auto", quiet=True) == torch.bfloat16 else "fp32"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"transformers {transformers.__version__ if transformers else '(not installed)'}, "
-          f"bf16 decoding measured {M.cpu_bf16_speedup('decoding'):.2f}x fp32 (--dtype auto: "
-          f"{'bf16' if M.pick_dtype('cpu', 'auto', quiet=True) == torch.bfloat16 else 'fp32'})", file=sys.stderr)
-    cpu = M.cpu_kind()
-    print(f"CPU: {cpu}", file=sys.stderr)
+          f"transformers {transformers.__version__ if transformers else '(not installed)'}, --dtype auto: {auto}"
+          + (f" (bf16 decoding measured {M.cpu_bf16_speedup('decoding'):.2f}x fp32)" if device.type == "cpu" else ""),
+          file=sys.stderr)
+    cpu = M.cpu_kind() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} (CPU: {M.cpu_kind()})"
+    print(f"device: {cpu}", file=sys.stderr)
     base = M.load_model(args.model, "cpu")
     tmp = tempfile.mkdtemp()
     if transformers:
         M.save_model(base, os.path.join(tmp, "hf"))
     rows = []
     for dtype_name in args.dtype:
-        dtype = M.pick_dtype("cpu", dtype_name, quiet=True)
+        dtype = M.pick_dtype(device, dtype_name, quiet=True)
         dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
-        ours = M.load_model(args.model, "cpu", dtype)
+        ours = M.load_model(args.model, device, dtype)
         hf = None
         if transformers:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype).eval().to(device)
         for batch in args.batch:
             prompts = prompts_for(ours.tokenizer, batch)
             M.generate(ours, prompts[:2], max_new_tokens=4, stop_ids=[])          # warm-up
-            a = time_ours(ours, prompts, args.new_tokens, args.repeats)
-            b = time_transformers(hf, prompts, ours.tokenizer.pad_id, args.new_tokens, args.repeats) if hf else None
+            a = time_ours(ours, prompts, args.new_tokens, args.repeats, device)
+            b = time_transformers(hf, prompts, ours.tokenizer.pad_id, args.new_tokens, args.repeats, device) if hf else None
             rows.append((batch, dtype_name, a, b))
             print(f"batch {batch:3d} {dtype_name}: ours {a:7.1f} tok/s"
                   + (f", transformers {b:7.1f} tok/s, ratio {a / b:.2f}x" if b else ""), file=sys.stderr)
-    print(f"\nCPU: {cpu}\n\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
+    print(f"\n{'CPU' if device.type == 'cpu' else 'device'}: {cpu}\n\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
     for batch, dtype_name, a, b in rows:
         print(f"| {batch} | {dtype_name} | {a:.1f} | {f'{b:.1f}' if b else '-'} | {f'{a / b:.2f}x' if b else '-'} |")
 
