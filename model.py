@@ -99,7 +99,18 @@ DECODE_ROWS = 64     # at most this many rows (one per sequence) take the decodi
 def cpu_can_pack(dtype):
     """Whether this CPU's oneDNN packs and multiplies `dtype` weights. Asked of
     the running CPU by trying it on a tiny matrix, never assumed from a flag:
-    bf16 packing needs AVX-512 or AVX-NE-CONVERT and refuses on AVX2-only CPUs."""
+    bf16 packing needs AVX-512 or AVX-NE-CONVERT and refuses on AVX2-only CPUs.
+
+    Generation packs wherever this says it can (`packed_for_decoding`). A
+    rule, not a timing taken at start-up: a timing flips under load (two
+    processes on two cores, a busy laptop), and the packed and plain products
+    round differently in the last bits, which can change a sampled token, so
+    the same seed could give different answers in a resumed run or another
+    process. Measured, whole generation against the plain product: fp32 on an
+    AVX2-only AMD EPYC 1.35x at batch 1 (17.1 -> 23.0 tok/s), one 3072 x 576
+    product 1.67x at 16 rows, 1.40x at 64; on an Intel Xeon with AMX 1.15x at
+    16 rows; bf16 1.3-1.7x on an EPYC with AVX-512-BF16, the same speed on
+    the Xeon."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -123,7 +134,7 @@ def linear(x, weight, bias=None, packed=None):
     step on a CPU (a few rows: one per sequence), where the plain product
     reorders W into oneDNN's blocked layout in every call:
     - up to 64 rows with `packed` (W reordered once per `generate` call, where
-      this CPU measures it faster: `packed_for_decoding`): multiply by it;
+      this CPU's oneDNN can: `packed_for_decoding`): multiply by it;
     - bf16, up to 64 rows, no packed copy: take the product as (W x^T)^T (or
       W x for one row), which streams W as it lies. The result is then a
       transposed view; a caller that reads it many times (attention,
@@ -139,31 +150,6 @@ def linear(x, weight, bias=None, packed=None):
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
-
-
-@functools.lru_cache(maxsize=None)
-def packing_pays(dtype, rows):
-    """Whether multiplying `rows` rows by a packed copy of W beats `linear`'s
-    unpacked product on this CPU, measured once per (dtype, rows) on the
-    model's gate/up matrix (3072 x 576), best of 3, ~10 ms. Measured because
-    it differs: fp32 with 16 rows gained 1.15x on an Intel Xeon with AMX, fp32
-    with one row lost there (MKL's matrix-vector product is as fast), bf16
-    gained nothing there but 1.3-1.7x on an AMD EPYC with AVX-512-BF16."""
-    if not cpu_can_pack(dtype):
-        return False
-    import time
-    g = torch.Generator().manual_seed(0)
-    w, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((3072, 576), (rows, 576)))
-    packed = pack_weight(w)
-    best = {}
-    for _ in range(3):
-        for name, p in (("packed", packed), ("plain", None)):
-            linear(x, w, packed=p)
-            t = time.perf_counter()
-            for _ in range(5):
-                linear(x, w, packed=p)
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
-    return best["packed"] < 0.95 * best["plain"]
 
 
 class Linear(nn.Linear):
@@ -203,31 +189,6 @@ def one_token_attention(q, k, v, additive_mask):
     return (weights @ v).view(B, H, 1, d)
 
 
-@functools.lru_cache(maxsize=None)
-def decode_attention_by_products(dtype):
-    """Whether `one_token_attention` beats scaled_dot_product_attention's CPU
-    kernel for a decoding step on this CPU, measured once per dtype (~20 ms,
-    16 sequences, 128 cached tokens, SmolLM2-135M's heads). On an AMD EPYC with
-    AVX-512-BF16 the products were 1.3x faster in fp32 and 11x in bf16, where
-    the fused kernel's fixed cost dominates one query row."""
-    import time
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(16, 9, 1, 64, generator=g).to(dtype)
-    k, v = (torch.randn(16, 3, 128, 64, generator=g).to(dtype) for _ in range(2))
-    mask = torch.zeros(16, 1, 1, 128, dtype=dtype)
-    ways = {"products": lambda: one_token_attention(q, k, v, mask),
-            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)}
-    best = {}
-    for _ in range(2):
-        for name, f in ways.items():
-            f()
-            t = time.perf_counter()
-            for _ in range(5):
-                f()
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
-    return best["products"] < best["sdpa"]
-
-
 class Attention(nn.Module):
     """W_q, W_k and W_v are stacked into one matrix (`qkv_proj`): one product
     instead of three, which matters when each product is small (decoding).
@@ -251,7 +212,13 @@ class Attention(nn.Module):
             cache_k[:, :, start:start + T] = k
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
-        if T == 1 and attn_mask is not None and q.device.type == "cpu" and decode_attention_by_products(q.dtype):
+        if (T == 1 and attn_mask is not None and q.device.type == "cpu"
+                and (B >= 8 or q.dtype == torch.bfloat16)):
+            # A decoding step on a CPU, where the fused kernel's fixed cost dominates
+            # one query row: bf16 6.2 ms against 0.56 ms for 64 sequences on an AMD
+            # EPYC with AVX-512-BF16; fp32 1.3x there and 1.05-1.08x on an AVX2-only
+            # EPYC from 16 sequences, but 2-4x slower than the kernel for 1-4 of them.
+            # A rule, not a timing, for the reason in `cpu_can_pack`.
             y = one_token_attention(q, k, v, attn_mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -1067,14 +1034,13 @@ def sample_next(logits, temperature, top_p, generator):
 def packed_for_decoding(model, batch_size):
     """While generating on a CPU with a batch of up to 64 sequences, keep a
     copy of every weight matrix in the layout oneDNN's matrix product reads
-    fastest (`linear`), where this CPU measures that faster (`packing_pays`).
+    fastest (`linear`), wherever this CPU's oneDNN can (`cpu_can_pack`).
     A decoding step multiplies a few rows (one per sequence) by every matrix,
     so its time is mostly reading the weights; the plain product also
     reorders each W in every call. Packing the 135M model takes ~0.1 s and
     holds a second copy of the weights during the call (README, Speed)."""
     weight = model.embed_tokens.weight
-    pack = (weight.device.type == "cpu" and batch_size <= DECODE_ROWS
-            and packing_pays(weight.dtype, 1 if batch_size == 1 else 16))
+    pack = weight.device.type == "cpu" and batch_size <= DECODE_ROWS and cpu_can_pack(weight.dtype)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if pack:
         for m in linears:
