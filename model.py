@@ -93,6 +93,7 @@ class RMSNorm(nn.Module):
 
 
 DECODE_ROWS = 64     # at most this many rows (one per sequence) take the decoding shortcuts of `linear`
+PRODUCTS_ATTENTION_MIN_BATCH = 8     # fp32 decoding attention by products from this many sequences (Attention)
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,12 +214,13 @@ class Attention(nn.Module):
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
         if (T == 1 and attn_mask is not None and q.device.type == "cpu"
-                and (B >= 8 or q.dtype == torch.bfloat16)):
-            # A decoding step on a CPU, where the fused kernel's fixed cost dominates
-            # one query row: bf16 6.2 ms against 0.56 ms for 64 sequences on an AMD
-            # EPYC with AVX-512-BF16; fp32 1.3x there and 1.05-1.08x on an AVX2-only
-            # EPYC from 16 sequences, but 2-4x slower than the kernel for 1-4 of them.
-            # A rule, not a timing, for the reason in `cpu_can_pack`.
+                and (q.dtype == torch.bfloat16 or B >= PRODUCTS_ATTENTION_MIN_BATCH)):
+            # A CPU decoding step: one query row per sequence, where the fused
+            # kernel's fixed cost can dominate. The two products win in bf16 (64
+            # sequences: 0.56 ms against 6.2 ms, AMD EPYC with AVX-512-BF16) and in
+            # fp32 from 8 sequences (1.3x there, 1.05-1.08x on an AVX2-only EPYC);
+            # for 1-4 fp32 sequences the kernel is 2-4x faster. A rule, not a
+            # timing, for the reason in `cpu_can_pack`.
             y = one_token_attention(q, k, v, attn_mask)
         else:
             y = F.scaled_dot_product_attention(

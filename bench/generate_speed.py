@@ -96,8 +96,8 @@ def main():
           f"transformers {transformers.__version__ if transformers else '(not installed)'}, --dtype auto: {auto}"
           + (f" (bf16 decoding measured {M.cpu_bf16_speedup('decoding'):.2f}x fp32)" if device.type == "cpu" else ""),
           file=sys.stderr)
-    cpu = M.cpu_kind() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} (CPU: {M.cpu_kind()})"
-    print(f"device: {cpu}", file=sys.stderr)
+    machine = M.cpu_kind() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} (CPU: {M.cpu_kind()})"
+    print(f"device: {machine}", file=sys.stderr)
     base = M.load_model(args.model, "cpu")
     tmp = tempfile.mkdtemp()
     if transformers:
@@ -118,7 +118,7 @@ def main():
             rows.append((batch, dtype_name, a, b))
             print(f"batch {batch:3d} {dtype_name}: ours {a:7.1f} tok/s"
                   + (f", transformers {b:7.1f} tok/s, ratio {a / b:.2f}x" if b else ""), file=sys.stderr)
-    print(f"\n{'CPU' if device.type == 'cpu' else 'device'}: {cpu}\n\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
+    print(f"\n{'CPU' if device.type == 'cpu' else 'device'}: {machine}\n\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
     for batch, dtype_name, a, b in rows:
         print(f"| {batch} | {dtype_name} | {a:.1f} | {f'{b:.1f}' if b else '-'} | {f'{a / b:.2f}x' if b else '-'} |")
 
