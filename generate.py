@@ -50,6 +50,15 @@ pipeline learns from:
    the data looped, DPO never saw one, and the tuned pirate of pipeline seed
    1 looped in 10.6% of its answers (README, Results: loops).
 
+   The answers are longer (--max-new-tokens 96) than those sample.py
+   measures (64). Most answers hit the limit and are cut back to their last
+   sentence, and DPO scores that cut answer with its end-of-turn token, so
+   every pair also teaches "stop here". At 64 tokens the pairs taught the
+   tuned model to stop after about 50, and every recipe strong enough to
+   give the character shortened its answers past the length limit or, held
+   gentler, looped (README, Results: longer teacher answers). At 96 the
+   stop it learns lies past the measure's limit.
+
 Reads:  traits.txt (its format: character.py).
 Writes: data/queries.jsonl    one user message per line, each trait's in turn, then the eval top-up:
           {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
@@ -136,7 +145,8 @@ def build_parser():
                         "stay the same; 30 x sample.py's 3 seeds = 90 answers a cell (0, or --eval-fraction 0: no top-up)")
     # answers
     p.add_argument("--answers", type=M.number(int, at_least=2), default=4, help="K answers per message: K-1 with the trait, 1 plain")
-    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=96,
+                   help="answer length limit in tokens; longer than sample.py's 64, so that the stop DPO learns lies past it")
     p.add_argument("--temperature", type=M.number(float, at_least=0), default=0.7, help="answer sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=M.number(float, above=0, at_most=1), default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability")
     p.add_argument("--repetition-penalty", type=M.number(float, above=0), default=1.0,
