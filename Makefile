@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 #   make demo                     personas/pirate.txt -> data/pirate/, out/pirate/
 #   make demo TRAITS=traits.txt   the assistant character -> data/traits/, out/traits/
 # The pirate is the default: at 135M it is the character that clearly takes
-# (README, Results); the assistant's traits are subtler and mostly do not.
+# (RESULTS.md); the assistant's traits are subtler and mostly do not.
 TRAITS ?= personas/pirate.txt
 NAME   := $(basename $(notdir $(TRAITS)))
 DATA   := data/$(NAME)

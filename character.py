@@ -27,7 +27,7 @@ The teacher's prompt. A 135M model follows a short role in the second person
 and the trait line as its system prompt, 59% of its answers to everyday
 requests carry pirate words; with the trait wrapped as "This is your
 character, in your own words: ..." after its default system message, 7%;
-with its plain prompt, 0% (README, Results: the teacher's ceiling). The teacher prompt of a trait is its role
+with its plain prompt, 0% (RESULTS.md, "The teacher's ceiling"). The teacher prompt of a trait is its role
 followed by the trait line; a trait with no role (here or at the top of the
 file) gets the trait line alone.
 

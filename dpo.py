@@ -23,7 +23,7 @@ Options (--loss-type, --label-smoothing, --nll-weight):
   as in TRL, on the per-token mean log-probabilities:  loss = (h - 1/(2 beta))^2
 - an NLL term on the chosen answer (as in RPO): + w * (-log pi(y_w|x) / |y_w|);
   w = 0.1 by default: it keeps the chosen answers likely, and with it the
-  tuned model did not fall into loops (README, "Recipes tried");
+  tuned model did not fall into loops (RESULTS.md, "Recipes tried");
 - sft: the NLL term alone, i.e. supervised fine-tuning on the chosen answers,
   a possible first stage (`dpo.py --loss-type sft --out out/sft`, then
   `dpo.py --model out/sft`, whose reference is then the SFT model).
@@ -247,7 +247,7 @@ def build_parser():
     # of its answers looped; 2e-5 on answers cut at 64 tokens shortened the
     # wizard's by 21-32%; on generate.py's 96-token answers it holds every
     # soundness figure in pirate seed 0 and all but perplexity (1.253x against
-    # 1.25x) in seed 1 (README, Results: "Longer teacher answers").
+    # 1.25x) in seed 1 (RESULTS.md, "Longer teacher answers").
     T.add_train_args(p, lr=2e-5, batch_size=4, micro_batch=2, epochs=2.0, train_layers=0)
     return p
 

@@ -38,8 +38,8 @@ pipeline learns from:
    the trait line, "You are a pirate. I talk like an old sea pirate, ...":
    `character.teacher_prompt`) and once with the model's plain default
    system prompt. The teacher prompt sets the ceiling of the whole method:
-   the pairs can only be as in character as these answers (README, Results:
-   the teacher's ceiling). The plain answer is the baseline that rank.py's
+   the pairs can only be as in character as these answers (RESULTS.md,
+   "The teacher's ceiling"). The plain answer is the baseline that rank.py's
    sanity figure compares against, and for traits the prompt barely moves
    (the AI identity at 135M) the K answers are a best-of-K to choose from.
 
@@ -48,7 +48,7 @@ pipeline learns from:
    loop ("Aye, aye, aye, aye..."), and rank.py makes those the rejected
    answers, so DPO learns to stop a loop. With a penalty of 1.1 no answer in
    the data looped, DPO never saw one, and the tuned pirate of pipeline seed
-   1 looped in 10.6% of its answers (README, Results: loops).
+   1 looped in 10.6% of its answers (RESULTS.md, "Loops").
 
    The answers are longer (--max-new-tokens 96) than those sample.py
    measures (64). Most answers hit the limit and are cut back to their last
@@ -56,7 +56,7 @@ pipeline learns from:
    every pair also teaches "stop here". At 64 tokens the pairs taught the
    tuned model to stop after about 50, and every recipe strong enough to
    give the character shortened its answers past the length limit or, held
-   gentler, looped (README, Results: longer teacher answers). At 96 the
+   gentler, looped (RESULTS.md, "Longer teacher answers"). At 96 the
    stop it learns lies past the measure's limit.
 
 Reads:  traits.txt (its format: character.py).

@@ -29,7 +29,7 @@ Writes: a Hugging Face folder (`save_model`), which `transformers` loads too.
 
 Generation is batched with a key/value cache (`generate`). A decoding step
 multiplies a few rows by every weight matrix; on a CPU `linear` and
-`packed_for_decoding` take shortcuts for that (README, Speed).
+`packed_for_decoding` take shortcuts for that (PERFORMANCE.md, Speed).
 
 Weights are read with `gguf` or `safetensors`: no pickle, no code execution.
 Internally the layout is Hugging Face's (rotate-half RoPE), so a GGUF file's
@@ -141,7 +141,7 @@ def linear(x, weight, bias=None, packed=None):
       transposed view; a caller that reads it many times (attention,
       sampling) makes it contiguous, the others need not pay for a copy.
     Each is 1.1-1.8x faster per product than the plain one on this project's
-    machines (`bench/generate_speed.py`; README, Speed)."""
+    machines (`bench/generate_speed.py`; PERFORMANCE.md, Speed)."""
     rows = x.numel() // x.shape[-1]
     if packed is not None and rows <= DECODE_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -1040,7 +1040,7 @@ def packed_for_decoding(model, batch_size):
     A decoding step multiplies a few rows (one per sequence) by every matrix,
     so its time is mostly reading the weights; the plain product also
     reorders each W in every call. Packing the 135M model takes ~0.1 s and
-    holds a second copy of the weights during the call (README, Speed)."""
+    holds a second copy of the weights during the call (PERFORMANCE.md, Speed)."""
     weight = model.embed_tokens.weight
     pack = weight.device.type == "cpu" and batch_size <= DECODE_ROWS and cpu_can_pack(weight.dtype)
     linears = [m for m in model.modules() if isinstance(m, Linear)]

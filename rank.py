@@ -80,8 +80,8 @@ a hash of the message id, so the same data gives the same pairs) carries,
 after the user's message, one of DROP_INSTRUCTIONS: the chosen answer is
 still the in-character one, the rejected still the plain one. The wordings
 are never the ones sample.py measures robustness with (a test checks), so
-that check stays held out. Measured on the pirate (README, Results:
-robustness; AVX2-only EPYC, pipeline seed 0): with shares 0, 0.25 and 0.5
+that check stays held out. Measured on the pirate (RESULTS.md,
+"Robustness"; AVX2-only EPYC, pipeline seed 0): with shares 0, 0.25 and 0.5
 the tuned model's pirate-word rate under sample.py's instructions was
 32 +- 12%, 40 +- 5% and 38 +- 8%, within the seed spread, and 0.5 cost
 character and soundness without one; so it is a lever to try, not a default.
@@ -155,7 +155,7 @@ def build_parser():
     p.add_argument("--min-margin", type=M.number(float), default=0.0, help="keep only pairs whose score difference is above this")
     p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.0,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
-                        "(the chosen answer stays in character; README, Results: robustness)")
+                        "(the chosen answer stays in character; RESULTS.md, 'Robustness')")
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=16, help="sequences per forward pass")
     M.add_model_args(p)
     return p

@@ -55,7 +55,7 @@ answers, and one sampling has no spread over seeds, so the limit is two
 standard errors of the difference of two shares of n answers each above
 base, 2 sqrt(2 p (1 - p) / n), and at least 2 points. (A training that
 dropped the end of every answer cut at generate.py's limit passed every
-figure at 64 tokens and looped in 95-100% of its answers at 256: README,
+figure at 64 tokens and looped in 95-100% of its answers at 256: RESULTS.md,
 "Recipes tried".) A model that stops has less room to loop, so the figure
 rewards stopping; that is the point of it.
 

@@ -169,7 +169,7 @@ def tokenize_answer(tok, prompt, answer, max_length):
     An answer generate.py cut at its token limit (nearly all of them) keeps
     its end-of-turn token too. That teaches the model to stop early, and
     answers shorten; trained without it, the tuned model never stopped and
-    looped in every answer let run past 64 tokens (README, "Recipes tried")."""
+    looped in every answer let run past 64 tokens (RESULTS.md, "Recipes tried")."""
     ids, mask = tok.chat(list(prompt) + list(answer))
     # Only the final answer counts: earlier assistant turns of a multi-turn prompt are prompt.
     prompt_len = len(tok.chat(list(prompt), add_generation_prompt=True)[0])

@@ -346,7 +346,7 @@ def test_training_answers_run_past_the_length_sample_py_measures():
     """A cut answer ends with its end-of-turn token in DPO, so the pairs teach
     the model to stop where generate.py cut them; that stop must lie past the
     limit sample.py measures length at, or the tuned answers come out short
-    (README, Results: longer teacher answers)."""
+    (RESULTS.md, "Longer teacher answers")."""
     import sample
     assert G.parse_args([]).max_new_tokens >= 1.25 * sample.parse_args([]).max_new_tokens
 
