@@ -30,12 +30,12 @@ NAME   := $(basename $(notdir $(TRAITS)))
 DATA   := data/$(NAME)
 OUT    := out/$(NAME)
 FILES  := --traits $(TRAITS)
-GEN    := $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json
-RANK   := $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.jsonl \
+GEN    =  $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json
+RANK   =  $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.jsonl \
           --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json
-RM     := $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model
-DPO    := $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo
-SAMPLE := $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
+RM     =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model
+DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo
+SAMPLE =  $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
 
 demo: setup
 	$(PY) generate.py $(GEN)
@@ -45,7 +45,10 @@ demo: setup
 	$(PY) sample.py $(SAMPLE)
 	@echo "the verdict: $(OUT)/report.md"
 
-# The same at the smallest size that goes through every step (a few minutes).
+# The same at the smallest size that goes through every step (a few minutes),
+# in folders of its own (data/smoke-pirate/, out/smoke-pirate/): the demo's are kept.
+smoke: DATA = data/smoke-$(NAME)
+smoke: OUT  = out/smoke-$(NAME)
 smoke: setup
 	$(PY) generate.py $(GEN) --smoke
 	$(PY) rank.py $(RANK)

@@ -44,6 +44,11 @@ character.
 traits, seeds, roles and `never:` patterns. Comments, blank lines, `check:`
 and `opposite:` lines do not change it: a better check can be written and
 measured without making the data again.
+
+What it simplifies: whether an answer shows a trait is a regular expression
+(`check:`), not a judge: readable and the same on every machine, but blind
+to a paraphrase it does not list.
+Read next: generate.py.
 """
 import hashlib
 import json

@@ -22,8 +22,9 @@ Options (--loss-type, --label-smoothing, --nll-weight):
 - IPO (Azar et al. 2023), a squared loss that does not push h to infinity;
   as in TRL, on the per-token mean log-probabilities:  loss = (h - 1/(2 beta))^2
 - an NLL term on the chosen answer (as in RPO): + w * (-log pi(y_w|x) / |y_w|);
-  w = 0.1 by default: it keeps the chosen answers likely, and with it the
-  tuned model did not fall into loops (RESULTS.md, "Recipes tried");
+  w = 0.1 by default: it keeps the chosen answers likely (RESULTS.md,
+  "Recipes tried"); what stopped the loops was rejecting looping answers
+  in rank.py (RESULTS.md, "Loops");
 - sft: the NLL term alone, i.e. supervised fine-tuning on the chosen answers,
   a possible first stage (`dpo.py --loss-type sft --out out/sft`, then
   `dpo.py --model out/sft`, whose reference is then the SFT model).
@@ -65,6 +66,11 @@ Run it:
     python dpo.py --beta 0.2 --nll-weight 0.1 --export-gguf
     python dpo.py --smoke                           # 2 steps, short sequences (CI)
     torchrun --nproc_per_node=2 dpo.py              # two processes (DDP)
+
+What it simplifies: offline DPO on a fixed set of pairs (nothing is sampled
+from the model while it trains), every block trained, the embeddings
+frozen; the loop itself is train_loop.py's.
+Read next: train_loop.py, then sample.py.
 """
 import hashlib
 import json

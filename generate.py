@@ -87,6 +87,11 @@ Run it:
     python generate.py                    # the default character: 200 new messages, ~5 minutes on 2 CPU cores
     python generate.py --smoke            # 2 traits, 3 messages each, short answers (CI)
     python generate.py --traits personas/pirate.txt --messages 40       # a quick try of another character
+
+What it simplifies: the teacher is the model itself with a role prompt (a
+larger teacher model would raise the ceiling); near duplicates are found by
+word overlap, not by meaning.
+Read next: rank.py.
 """
 import argparse
 import glob

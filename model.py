@@ -35,6 +35,12 @@ Weights are read with `gguf` or `safetensors`: no pickle, no code execution.
 Internally the layout is Hugging Face's (rotate-half RoPE), so a GGUF file's
 llama query/key weights, which llama.cpp's converter permuted for its
 interleaved rotary form, are permuted back on load.
+
+What it simplifies: one family of decoders (llama-style; Qwen2's biases), no
+sliding-window attention, no mixture of experts; quantised GGUF weights
+(the embedded model is Q4_1) are dequantised on load, never computed in
+4 bits; sampling is temperature, top-p and a repetition penalty.
+Read next: character.py (the traits file), then generate.py.
 """
 import argparse
 import contextlib

@@ -107,10 +107,14 @@ Resuming and several processes work as in generate.py (units of whole
 messages, `<output>.partial` files, `torchrun --nproc_per_node=N`).
 
 Run it:
-    python rank.py                                   # contrast judge, ~3 min for 828 answers on 2 CPU cores
+    python rank.py                                   # contrast judge, 828 answers: ~3 min on 2 AVX-512 cores with 64-token answers, ~7.5 min on AVX2 with 96
     python rank.py --judge contrast --against opposite
     python rank.py --judge compare --preferences data/preferences_compare.jsonl \\
         --scores data/scores_compare.jsonl --report data/rank_report_compare.json
+
+What it simplifies: one pair per message (the best and the worst answer);
+the judge is the same small model; no human label anywhere.
+Read next: reward_model.py (it only evaluates), then dpo.py.
 """
 import argparse
 import hashlib

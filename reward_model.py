@@ -49,6 +49,11 @@ Run it:
     python reward_model.py --margin-weight 1.0
     python reward_model.py --smoke              # 2 steps, short sequences (CI)
     torchrun --nproc_per_node=2 reward_model.py
+
+What it simplifies: a linear head on the last token, trained on the very
+pairs DPO learns; it never trains the chat model (there is no PPO here), it
+is the training's own view in sample.py's report.
+Read next: dpo.py.
 """
 import json
 import os

@@ -8,8 +8,9 @@ Reads  traits.txt (the traits, their teacher prompts and `check:` patterns),
        the base model (--model), the trained model (out/dpo/), the reward
        model (out/reward_model/) and the training metrics.
 Writes out/samples.jsonl (every answer with its measurements), out/eval.json
-       (every figure and the verdict) and out/report.md (the verdict, the
-       tables, answers side by side, the training curves in brief).
+       (every figure and the verdict), out/report.md (the verdict, the
+       tables, answers side by side, the training curves in brief) and the
+       two pictures it shows, out/checks.svg and out/training_curves.svg.
 
 Who answers. Every held-out message and a fixed set of everyday requests
 that never entered training (GENERAL_PROMPTS, less any the traits file uses
@@ -34,7 +35,7 @@ spread (standard deviation over seeds). A trait "took" when
 
     rate(tuned/plain) - rate(base/plain) > spread (the larger of the two stds)
 
-and the answers stayed sound. Soundness, tuned/plain against base/plain over
+and is "met" when it took and every soundness figure below holds. Soundness, tuned/plain against base/plain over
 all its answers (held-out messages and everyday requests):
 
     loops       share of answers in which one token 3-gram occurs 4+ times   <= base + 2 points
@@ -89,6 +90,11 @@ file when done; a killed run resumes after the last finished unit. The base
 model's answers depend only on the base model, the messages and the
 sampling flags, so a later run (after retraining DPO) reuses them from
 samples.jsonl instead of sampling them again.
+
+What it simplifies: a trait is measured by its regular expression and
+soundness by a few counts and the base model's perplexity; no separate
+judge model, no human reading, beyond the answers side by side.
+Read next: the report it writes (out/<name>/report.md), then RESULTS.md.
 """
 import argparse
 import json
@@ -478,6 +484,126 @@ def curve_summary(path, keys):
     return head + "\n" + body
 
 
+# ----------------------------------------------------------------------------
+# Pictures: two SVG files beside the report, drawn by hand (no plotting
+# library): training_curves.svg (the reward model's and DPO's metrics.jsonl)
+# and checks.svg (each trait's check rate per setting, and the loops).
+# ----------------------------------------------------------------------------
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
+PANEL_W, PANEL_H = 330, 210          # pixels per panel; panels sit in a grid
+
+
+def svg_text(x, y, text, size=11, anchor="start", colour="#000"):
+    safe = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{colour}" '
+            f'font-family="sans-serif">{safe}</text>')
+
+
+def plot_area(left, top):
+    """The plot's box inside a panel: room above for the title, left and below for the axis labels."""
+    return left + 48, left + PANEL_W - 12, top + 26, top + PANEL_H - 28      # x0, x1, y0 (top), y1 (bottom)
+
+
+def line_panel(title, series, left, top):
+    """A line chart. series: [(label, train points, held-out points)], each a
+    list of (step, value): the training steps as a line, the held-out
+    evaluations as dots of the same colour. The axes carry their ranges."""
+    points = [p for _, train, held in series for p in train + held]
+    x0, x1, y0, y1 = plot_area(left, top)
+    out = [svg_text(left + PANEL_W / 2, top + 15, title, 12, "middle")]
+    if not points:
+        return out + [svg_text(left + PANEL_W / 2, top + PANEL_H / 2, "(nothing logged)", 11, "middle")]
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    x_hi, y_hi = max(x_hi, x_lo + 1e-9), max(y_hi, y_lo + 1e-9)
+    to_x = lambda x: x0 + (x - x_lo) / (x_hi - x_lo) * (x1 - x0)
+    to_y = lambda y: y1 - (y - y_lo) / (y_hi - y_lo) * (y1 - y0)        # SVG's y grows downwards
+    out += [f'<rect x="{x0}" y="{y0}" width="{x1 - x0}" height="{y1 - y0}" fill="none" stroke="#aaa"/>',
+            svg_text(x0 - 4, y0 + 4, f"{y_hi:.3g}", 10, "end"), svg_text(x0 - 4, y1, f"{y_lo:.3g}", 10, "end"),
+            svg_text(x0, y1 + 14, f"step {x_lo:g}", 10), svg_text(x1, y1 + 14, f"{x_hi:g}", 10, "end")]
+    legend = []
+    for i, (label, train, held) in enumerate(series):
+        colour = COLOURS[i % len(COLOURS)]
+        if train:
+            xy = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in train)
+            out.append(f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        out += [f'<circle cx="{to_x(x):.1f}" cy="{to_y(y):.1f}" r="4" fill="{colour}" stroke="#000"/>' for x, y in held]
+        legend.append(f'<tspan fill="{colour}">{label}</tspan>')
+    if any(held for *_, held in series):
+        legend.append("dots: held-out")
+    out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{y1 + 14:.1f}" font-size="10" text-anchor="middle" '
+               f'font-family="sans-serif">{"  ".join(legend)}</text>')
+    return out
+
+
+def bar_panel(title, bars, left, top):
+    """Rates in [0, 1] as bars, each with a whisker of ± its spread. bars: [(label, mean, std)]."""
+    x0, x1, y0, y1 = plot_area(left, top)
+    to_y = lambda r: y1 - min(max(r, 0.0), 1.0) * (y1 - y0)
+    step = (x1 - x0) / max(len(bars), 1)
+    out = [svg_text(left + PANEL_W / 2, top + 15, title, 12, "middle"),
+           f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#aaa"/>',
+           svg_text(x0 - 4, y0 + 4, "100%", 10, "end"), svg_text(x0 - 4, y1, "0%", 10, "end")]
+    for i, (label, mean, std) in enumerate(bars):
+        colour, x = COLOURS[i % len(COLOURS)], x0 + i * step
+        out += [f'<rect x="{x + 0.15 * step:.1f}" y="{to_y(mean):.1f}" width="{0.7 * step:.1f}" '
+                f'height="{y1 - to_y(mean):.1f}" fill="{colour}"><title>{label}: {100 * mean:.0f}%</title></rect>',
+                f'<line x1="{x + step / 2:.1f}" y1="{to_y(mean - std):.1f}" x2="{x + step / 2:.1f}" '
+                f'y2="{to_y(mean + std):.1f}" stroke="#000"/>',
+                svg_text(x + step / 2, to_y(mean) - 3, f"{100 * mean:.0f}", 10, "middle"),
+                svg_text(x + step / 2, y1 + 12, label.split("/")[0], 9, "middle"),
+                svg_text(x + step / 2, y1 + 22, "/".join(label.split("/")[1:]), 9, "middle")]
+    return out
+
+
+def svg_grid(panels, columns=3):
+    """Panels (each a function of its left and top corner) in a grid, as one SVG document."""
+    rows = math.ceil(len(panels) / columns)
+    width, height = PANEL_W * min(columns, len(panels)), PANEL_H * rows
+    body = [el for i, draw in enumerate(panels) for el in draw(PANEL_W * (i % columns), PANEL_H * (i // columns))]
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">\n'
+            f'<rect width="{width}" height="{height}" fill="white"/>\n' + "\n".join(body) + "\n</svg>\n")
+
+
+def training_curves_svg(dpo_log, reward_log):
+    """DPO's loss, implicit-reward margin, answer log-probs and KL, and the
+    reward model's loss and accuracy, per logged step; the held-out
+    evaluations as dots."""
+    def curve(log, key, held=False):
+        rows = [(r["step"], r["heldout"]) for r in log if "heldout" in r] if held else \
+               [(r["step"], r) for r in log if "heldout" not in r]
+        return [(step, r[key]) for step, r in rows if isinstance(r.get(key), (int, float))]
+
+    def panel(title, log, keys):
+        series = [(name, curve(log, key), curve(log, key, True)) for name, key in keys]
+        return lambda left, top: line_panel(title, series, left, top)
+
+    return svg_grid([panel("DPO loss", dpo_log, [("loss", "loss")]),
+                     panel("DPO margin beta*h", dpo_log, [("margin", "margin")]),
+                     panel("log p(answer): chosen, rejected", dpo_log, [("chosen", "logp_chosen"), ("rejected", "logp_rejected")]),
+                     panel("KL to the reference, per answer", dpo_log, [("KL", "kl")]),
+                     panel("reward model loss", reward_log, [("loss", "loss")]),
+                     panel("reward model accuracy", reward_log, [("accuracy", "accuracy")])])
+
+
+def checks_svg(result):
+    """Per trait, its check's rate on the held-out messages in each setting
+    (± the spread over seeds); last, the share of answers that loop."""
+    settings = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted", "tuned/plain+drop"]
+    panels = []
+    for tid, v in result["verdict"].items():
+        rates = result["rates"][tid].get("held-out")
+        if rates:
+            bars = [(s, rates[s]["mean"], rates[s]["std"]) for s in settings if rates.get(s)]
+            title = f"trait {tid}: {v['trait'][:34]}" + ("..." if len(v["trait"]) > 34 else "")
+            panels.append(lambda left, top, title=title, bars=bars: bar_panel(title, bars, left, top))
+    loops = [(s, result["figures"][s]["loops"]["mean"], result["figures"][s]["loops"]["std"])
+             for s in ("base/plain", "tuned/plain") if (result["figures"].get(s) or {}).get("loops")]
+    panels.append(lambda left, top: bar_panel("answers that loop", loops, left, top))
+    return svg_grid(panels)
+
+
 def report_lines(result, rows, traits, args):
     v, sound = result["verdict"], result["soundness"]
     n_held = sum(1 for r in rows if r["setting"] == "tuned/plain" and r["group"] == "held-out")
@@ -487,7 +613,8 @@ def report_lines(result, rows, traits, args):
              f"{len(args.seeds)} sampling seeds ({n_held} + {n_gen} answers per setting), temperature "
              f"{args.temperature}, top-p {args.top_p}, at most {args.max_new_tokens} new tokens. "
              "Rates are mean ± standard deviation over the seeds, in percent.", "",
-             "## Verdict: each trait's check, the training never saw it", ""]
+             "## Verdict: each trait's check, the training never saw it", "",
+             "![Each trait's check rate on held-out messages, per setting, and the loops](checks.svg)", ""]
     for group, title in (("held-out", "on the trait's own held-out messages"), ("general", "on the everyday requests")):
         lines += [f"### {title}", "",
                   "| trait | check | base/plain | base/prompted (ceiling) | tuned/plain | tuned/prompted | gain (spread) | share of ceiling | "
@@ -555,7 +682,8 @@ def report_lines(result, rows, traits, args):
                 lines.append(f"- **{setting}**{extra} ({', '.join(marks) or 'no check passed'}): "
                              + r["answer"].replace("\n", " ").strip())
         lines.append("")
-    lines += ["## Training curves", "", f"Reward model ({args.reward_model}/metrics.jsonl):", "",
+    lines += ["## Training curves", "", "![Training curves: DPO and the reward model](training_curves.svg)", "",
+              f"Reward model ({args.reward_model}/metrics.jsonl):", "",
               curve_summary(os.path.join(args.reward_model, "metrics.jsonl"), ["loss", "accuracy"]), "",
               f"DPO ({args.tuned}/metrics.jsonl):", "",
               curve_summary(os.path.join(args.tuned, "metrics.jsonl"), ["loss", "accuracy", "margin", "kl"]), ""]
@@ -690,6 +818,10 @@ def run(args):
     write_atomic(samples, "".join(json.dumps(r) + "\n" for r in rows))
     os.remove(partial)
     write_atomic(os.path.join(args.out, "eval.json"), json.dumps(result, indent=1, default=str))
+    write_atomic(os.path.join(args.out, "checks.svg"), checks_svg(result))
+    write_atomic(os.path.join(args.out, "training_curves.svg"),
+                 training_curves_svg(read_metrics(os.path.join(args.tuned, "metrics.jsonl")),
+                                     read_metrics(os.path.join(args.reward_model, "metrics.jsonl"))))
     write_atomic(os.path.join(args.out, "report.md"), "\n".join(report_lines(result, rows, traits, args)))
     print_summary(result)
     print(f"wrote {args.out}/report.md, {args.out}/eval.json, {args.out}/samples.jsonl")

@@ -51,6 +51,10 @@ every batch. Process 0 logs, evaluates and writes files.
 
 --compile compiles each block with torch.compile (all blocks share the code,
 so it compiles once); it pays off on GPUs and on long runs.
+
+What it simplifies: one optimizer (AdamW), a cosine schedule, data-parallel
+only (no model or pipeline parallelism, no ZeRO sharding).
+Read next: sample.py.
 """
 import json
 import math

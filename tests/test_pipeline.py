@@ -72,6 +72,8 @@ def test_the_whole_pipeline_runs_at_smoke_size_and_writes_every_output(tmp_path)
     for heading in ("## Verdict", "### Under each drop-your-persona instruction", "## Soundness", "## The training's own view", "## Training curves"):
         assert heading in report
     assert "| 1 | " in report.split("## Training curves")[1]          # the DPO curve has its numbers, not "-"
+    for picture in ("checks.svg", "training_curves.svg"):        # the pictures the report shows, beside it
+        assert f"]({picture})" in report and (tmp_path / "out" / picture).read_text().startswith("<svg")
     samples = read_jsonl(tmp_path / "out/samples.jsonl")
     assert {s["setting"] for s in samples} == set(sample.SETTINGS + sample.ROBUSTNESS + sample.LONG)
     long = [s for s in samples if s["setting"] in sample.LONG]

@@ -112,3 +112,49 @@ def test_an_everyday_request_that_was_trained_on_is_left_out(tmp_path):
     assert len(general) == len(S.GENERAL_PROMPTS) - 1 and "Why do cats purr?" in [m["text"] for m in general]
     assert all(m["text"] != "How do I boil an egg?" for m in general)
     assert S.everyday_requests(len(S.GENERAL_PROMPTS), set(), TRAITS)[1] == []
+
+
+def svg_elements(svg, tag):
+    import xml.etree.ElementTree as ET
+    return ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}" + tag)
+
+
+def test_the_training_curves_picture_has_every_logged_step_to_scale():
+    """The DPO loss panel draws one point per logged step, lower loss lower on
+    the page (SVG's y grows downwards), and each held-out evaluation as a dot."""
+    dpo_log = [{"step": i, "loss": 1.0 / i, "margin": 0.1 * i, "logp_chosen": -50.0, "logp_rejected": -60.0 - i,
+                "kl": 0.01 * i} for i in range(1, 11)]
+    dpo_log.append({"step": 10, "heldout": {"loss": 0.5, "margin": 0.4, "logp_chosen": -55.0, "logp_rejected": -62.0, "kl": 0.1}})
+    reward_log = [{"step": i, "loss": 0.7 - 0.01 * i, "accuracy": 0.5} for i in range(1, 6)]
+    svg = S.training_curves_svg(dpo_log, reward_log)
+    lines = list(svg_elements(svg, "polyline"))
+    assert len(lines) == 7             # loss, margin, chosen, rejected, KL (DPO); loss, accuracy (reward model)
+    ys = [float(p.split(",")[1]) for p in lines[0].get("points").split()]
+    assert len(ys) == 10 and all(a < b for a, b in zip(ys, ys[1:]))
+    dots = list(svg_elements(svg, "circle"))
+    assert len(dots) == 5              # the one held-out evaluation of each DPO series; the reward model logged none
+    assert ys[0] < float(dots[0].get("cy")) < ys[-1]                       # held-out loss 0.5 lies between 1 and 0.1
+
+
+def test_the_checks_picture_draws_each_rate_to_scale():
+    """checks.svg: one bar per setting whose height is its check rate (the
+    same figure as eval.json), and a panel of the loops."""
+    rows = rows_for(RATES, loops={"tuned/plain": 0.10})
+    rates = S.trait_rates(rows, TRAITS)
+    figures = S.setting_figures(rows, S.SOUNDNESS + S.OWN_VIEW)
+    result = {"rates": rates, "figures": figures,
+              "verdict": S.trait_verdicts(rates, TRAITS, S.soundness_verdict(figures, 20))}
+    svg = S.checks_svg(result)
+    bars = [(r.find("{http://www.w3.org/2000/svg}title").text.split(":")[0], float(r.get("height")))
+            for r in svg_elements(svg, "rect") if r.find("{http://www.w3.org/2000/svg}title") is not None]
+    full = S.plot_area(0, 0)[3] - S.plot_area(0, 0)[2]
+    settings = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted", "tuned/plain+drop"]
+    assert [label for label, _ in bars] == settings + ["base/plain", "tuned/plain"]       # trait 1, then the loops
+    for (setting, height) in bars[:5]:
+        assert height == pytest.approx(full * rates["1"]["held-out"][setting]["mean"], abs=0.1)
+    assert bars[6][1] == pytest.approx(full * figures["tuned/plain"]["loops"]["mean"], abs=0.1) and bars[6][1] > 0
+
+
+def test_a_stage_that_logged_nothing_gets_an_empty_panel_not_an_error():
+    svg = S.training_curves_svg([], [])
+    assert svg.count("(nothing logged)") == 6 and not list(svg_elements(svg, "polyline"))
