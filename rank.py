@@ -73,7 +73,7 @@ clearest example of what the character is not. Failing that, an answer that
 loops is: DPO then also learns to stop a loop (generate.py samples without
 a repetition penalty, so the teacher's loops show up in the data).
 
-Holding the character when told to drop it (--drop-share, off by default).
+Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
 has not really taken. With --drop-share s, a share s of the pairs (chosen by
 a hash of the message id, so the same data gives the same pairs) carries,
@@ -81,10 +81,12 @@ after the user's message, one of DROP_INSTRUCTIONS: the chosen answer is
 still the in-character one, the rejected still the plain one. The wordings
 are never the ones sample.py measures robustness with (a test checks), so
 that check stays held out. Measured on the pirate (RESULTS.md,
-"Robustness"; AVX2-only EPYC, pipeline seed 0): with shares 0, 0.25 and 0.5
-the tuned model's pirate-word rate under sample.py's instructions was
-32 +- 12%, 40 +- 5% and 38 +- 8%, within the seed spread, and 0.5 cost
-character and soundness without one; so it is a lever to try, not a default.
+"Robustness"; AVX2-only EPYC, 96-token answers, DPO at lr 2e-5): with
+half the pairs carrying one, both pipeline seeds hold every soundness
+figure (without, seed 1 failed perplexity: 1.253x against 1.25x; with,
+1.12x), at 1.04-1.20x the ceiling; the share of the pirate-word gain kept
+under sample.py's instructions rose in seed 0 (50% -> 65%), not in seed 1
+(48% -> 49%). Hence the default; robustness is still short of 80%.
 
 Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
 Writes: data/scores.jsonl       every answer's score, one message per line
@@ -157,7 +159,7 @@ def build_parser():
     p.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
                    help="best-worst: one pair per message; all: every pair with margin above --min-margin")
     p.add_argument("--min-margin", type=M.number(float), default=0.0, help="keep only pairs whose score difference is above this")
-    p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.0,
+    p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.5,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
                         "(the chosen answer stays in character; RESULTS.md, 'Robustness')")
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=16, help="sequences per forward pass")
