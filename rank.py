@@ -77,8 +77,8 @@ Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
 has not really taken. With --drop-share s, a share s of the pairs (chosen by
 a hash of the message id, so the same data gives the same pairs) carries,
-after the user's message, one of DROP_INSTRUCTIONS: the chosen answer is
-still the in-character one, the rejected still the plain one. The wordings
+after the user's message, one of DROP_INSTRUCTIONS; the chosen and the
+rejected answer are the same as without it (the chosen in character). The wordings
 are never the ones sample.py measures robustness with (a test checks), so
 that check stays held out. Measured on the pirate (RESULTS.md,
 "Robustness"; AVX2-only EPYC, 96-token answers, DPO at lr 2e-5): with

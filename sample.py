@@ -35,8 +35,9 @@ spread (standard deviation over seeds). A trait "took" when
 
     rate(tuned/plain) - rate(base/plain) > spread (the larger of the two stds)
 
-and is "met" when it took and every soundness figure below holds. Soundness, tuned/plain against base/plain over
-all its answers (held-out messages and everyday requests):
+and is "met" when it took and every soundness figure below holds.
+Soundness, tuned/plain against base/plain over all its answers (held-out
+messages and everyday requests):
 
     loops       share of answers in which one token 3-gram occurs 4+ times   <= base + 2 points
     repeats     share of word 3-grams already seen earlier in the answer     <= 1.5 x base
