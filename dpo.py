@@ -82,6 +82,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import weights as W
 import train_loop as T
 
 PROG = "dpo.py"
@@ -128,7 +129,7 @@ def answer_logprobs(model, batch, device):
 def data_fingerprint(examples, model_path, max_length):
     """What the reference log-probabilities depend on: the model and the tokens."""
     h = hashlib.sha256()
-    path = model_path or M.default_model_path()
+    path = model_path or W.default_model_path()
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
     h.update(json.dumps([os.path.abspath(path), max_length] +
                         [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]).encode())
@@ -185,6 +186,7 @@ def make_loss_fn(args, device):
         else:
             losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                     args.beta, args.label_smoothing, "sigmoid")
+        # Reported for every loss type on summed log-probs (IPO's own rewards are per token, sft has none).
         chosen_reward = args.beta * (policy_chosen - ref_chosen).detach()
         rejected_reward = args.beta * (policy_rejected - ref_rejected).detach()
         nll = -policy_chosen / n_chosen
@@ -202,24 +204,6 @@ def make_loss_fn(args, device):
         }
         return loss, metrics
     return loss_fn
-
-
-def make_evaluate(args, examples, device):
-    """Held-out evaluation: the same loss and metrics on pairs of messages
-    that training never saw (means per pair)."""
-    loss_fn = make_loss_fn(args, device)
-
-    def evaluate(model):
-        if not examples:
-            return {}
-        totals = {}
-        ordered = sorted(examples, key=lambda e: e["length"])
-        for b in range(0, len(ordered), args.micro_batch):
-            loss, metrics = loss_fn(model, ordered[b:b + args.micro_batch])
-            for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: v / len(examples) for k, v in totals.items()}
-    return evaluate
 
 
 # ----------------------------------------------------------------------------
@@ -316,8 +300,10 @@ def run(args):
         "max_steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "batch_size", "grad_clip", "train_layers",
         "train_embeddings", "max_length", "seed")}
     fingerprint["data"] = data_hash
-    last = T.train(model, train_examples, [e["length"] for e in train_examples], make_loss_fn(args, d.device),
-                   args, d, args.out, dtype, fingerprint, evaluate=make_evaluate(args, held_examples, d.device) if held_examples else None)
+    loss_fn = make_loss_fn(args, d.device)
+    evaluate = T.heldout_evaluation(loss_fn, held_examples, args.micro_batch) if held_examples else None
+    last = T.train(model, train_examples, [e["length"] for e in train_examples], loss_fn,
+                   args, d, args.out, dtype, fingerprint, evaluate=evaluate)
 
     # 3. Save: a Hugging Face folder (and a GGUF file), replacing the work folder.
     if d.main:
@@ -329,9 +315,9 @@ def run(args):
                    "wall_seconds": round(time.time() - started, 1), "peak_rss_gb": round(T.peak_rss_gb(), 2)}
 
         def write(folder):
-            M.save_model(model, folder)
+            W.save_model(model, folder)
             if args.export_gguf:
-                M.save_gguf(model, os.path.join(folder, "model.gguf"), args.gguf_dtype)
+                W.save_gguf(model, os.path.join(folder, "model.gguf"), args.gguf_dtype)
             with open(os.path.join(folder, "training.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         T.publish(args.out, write, keep=("metrics.jsonl", "reference_logprobs.json"))

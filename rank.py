@@ -128,8 +128,8 @@ import torch
 
 import model as M
 from character import InputError, breaks_character, loops, parse_traits, shows, teacher_prompt, traits_sha
-from generate import (barrier, finish_distributed, init_distributed, read_jsonl, remove_partials, run_units, write_atomic,
-                      write_jsonl_atomic)
+from stage_files import (barrier, finish_distributed, init_distributed, read_jsonl, remove_partials, run_units, write_atomic,
+                         write_jsonl_atomic)
 
 PROG = "rank.py"
 

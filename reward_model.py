@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
+import weights as W
 import train_loop as T
 
 PROG = "reward_model.py"
@@ -127,21 +128,6 @@ def make_loss_fn(args, device):
     return loss_fn
 
 
-def make_evaluate(args, examples, device):
-    """Held-out loss, accuracy and mean margin r(chosen) - r(rejected)."""
-    loss_fn = make_loss_fn(args, device)
-
-    def evaluate(model):
-        totals = {}
-        ordered = sorted(examples, key=lambda e: e["length"])
-        for b in range(0, len(ordered), args.micro_batch):
-            loss, metrics = loss_fn(model, ordered[b:b + args.micro_batch])
-            for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: v / len(examples) for k, v in totals.items()}
-    return evaluate
-
-
 # ----------------------------------------------------------------------------
 # Saving, loading, scoring (what later stages import)
 # ----------------------------------------------------------------------------
@@ -157,12 +143,12 @@ def save_reward_model(model, folder, max_length):
                               "max_length": max_length}}
     if end_of_text is not None:
         extra["pad_token_id"] = end_of_text
-    M.save_model(model, folder, extra_config=extra, state_dict=state)
+    W.save_model(model, folder, extra_config=extra, state_dict=state)
 
 
 def load_reward_model(folder="out/reward_model", device="auto", dtype=torch.float32):
     """The reward model that reward_model.py saved: a ChatModel with .score_head."""
-    cfg, state, tok, template = M.read_hf_folder(folder)
+    cfg, state, tok, template = W.read_hf_folder(folder)
     head = state.pop("score.weight", None)
     if head is None:
         raise M.ModelError(f"{folder}: not a reward model (no score.weight); run reward_model.py")
@@ -262,9 +248,10 @@ def run(args):
         "warmup", "min_lr_ratio", "weight_decay", "batch_size", "grad_clip", "train_layers", "train_embeddings",
         "max_length", "seed")}
     fingerprint["pairs"] = [e["id"] for e in train_examples]
-    last = T.train(model, train_examples, [e["length"] for e in train_examples], make_loss_fn(args, d.device),
+    loss_fn = make_loss_fn(args, d.device)
+    last = T.train(model, train_examples, [e["length"] for e in train_examples], loss_fn,
                    args, d, args.out, dtype, fingerprint, lr_scales={"score_head": args.head_lr_scale},
-                   evaluate=make_evaluate(args, held_examples, d.device))
+                   evaluate=T.heldout_evaluation(loss_fn, held_examples, args.micro_batch))
     if d.main:
         heldout = last.pop("heldout")
         result = {"heldout_accuracy": heldout["accuracy"], "heldout_margin": heldout["margin"],

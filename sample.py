@@ -111,6 +111,7 @@ from tqdm import tqdm
 import model as M
 from character import (InputError, breaks_character, character_prompt, loops, parse_traits, shows, teacher_prompt,
                        traits_sha)
+from stage_files import read_jsonl, write_atomic
 
 # Everyday requests: no trait in particular, never in the training data.
 GENERAL_PROMPTS = [
@@ -212,18 +213,13 @@ def read_eval_messages(path, sha):
     if not os.path.exists(path):
         raise InputError(f"{path} does not exist: run generate.py first")
     messages, trained = [], set()
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                q = json.loads(line)
-                if q.get("traits_sha") != sha:
-                    raise InputError(f"{path} was made from a different traits file than the one given; rerun generate.py")
-                if q["split"] == "eval":
-                    messages.append({"id": q["id"], "trait_id": q["trait_id"], "text": q["text"]})
-                else:
-                    trained.add(normalised(q["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{path} line {n}: not a valid query record ({e})") from None
+    for q in read_jsonl(path, required=("id", "trait_id", "text", "split", "traits_sha")):
+        if q["traits_sha"] != sha:
+            raise InputError(f"{path} was made from a different traits file than the one given; rerun generate.py")
+        if q["split"] == "eval":
+            messages.append({"id": q["id"], "trait_id": q["trait_id"], "text": q["text"]})
+        else:
+            trained.add(normalised(q["text"]))
     if not messages:
         raise InputError(f"{path} holds no eval messages")
     return messages, trained
@@ -689,12 +685,6 @@ def report_lines(result, rows, traits, args):
               f"DPO ({args.tuned}/metrics.jsonl):", "",
               curve_summary(os.path.join(args.tuned, "metrics.jsonl"), ["loss", "accuracy", "margin", "kl"]), ""]
     return lines
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------

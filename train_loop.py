@@ -4,14 +4,17 @@ written by hand in plain PyTorch, plus the preference data both stages read.
 A stage gives the loop a model, a list of examples and a loss function; the
 loop does everything else:
 
+    start = resume_or_start(...)                 the checkpoint's step, or 0
     for step in range(start, total):
         lr = peak * schedule(step)               linear warmup, then cosine decay
-        for each micro batch of this step:       gradient accumulation
-            loss_sum = loss_fn(model, examples)  summed over the micro batch
-            backward(loss_sum * world / B)       B = global batch: the mean over B
-        clip the gradient norm; AdamW step
-        every --log-every steps:  metrics -> tqdm and metrics.jsonl
-        every --save-every steps: checkpoint (atomic)
+        train_step:
+          for each micro batch of this step:     gradient accumulation
+              loss_sum = loss_fn(model, examples)  summed over the micro batch
+              backward(loss_sum * world / B)     B = global batch: the mean over B
+          clip the gradient norm; AdamW step
+        every --log-every steps:  close_window: metrics -> tqdm and metrics.jsonl
+        every --save-every steps: save_checkpoint (atomic)
+        every --eval-every steps: evaluate_heldout
 
 Global batch and data order. One optimizer step always sees --batch-size
 examples (the global batch), whatever the number of processes: each of the N
@@ -544,6 +547,122 @@ def check_batch(args, d):
         raise DataError("--batch-size and --micro-batch must be at least 1")
 
 
+def resume_or_start(ckpt_dir, metrics_path, model, optimizer, fingerprint, args, d, total):
+    """(first step, seconds trained so far). From the checkpoint in ckpt_dir if
+    there is one made with the same settings (`fingerprint`): the weights, the
+    optimizer's moments and the step come back, and metrics.jsonl is cut back
+    to that step, so the resumed run writes what an unbroken one would. A
+    checkpoint made with other settings is refused, never silently mixed in."""
+    start, elapsed = 0, 0.0
+    state = None if args.no_resume else checkpoint_state(ckpt_dir)
+    if state is not None:
+        changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:3])
+            raise DataError(f"{ckpt_dir} was made with other settings ({what}); pass --no-resume to start again")
+        state = load_checkpoint(ckpt_dir, model, optimizer, d.device)
+        start, elapsed = state["step"], state["elapsed_s"]
+    if d.main:
+        cut_metrics(metrics_path, start if state is not None else None)
+        if state is not None:
+            print(f"resuming from {ckpt_dir} at step {start} of {total}", file=sys.stderr)
+    if d.world > 1:
+        dist.barrier()
+    return start, elapsed
+
+
+def train_step(compute, no_sync, optimizer, params, batch_examples, args, d, compute_dtype):
+    """One optimizer step on one global batch, split into micro batches:
+    forward and backward each (gradients add up), clip, step. Returns the
+    summed loss and metrics of this process's examples and the gradient norm,
+    as tensors on the device (reading them would wait for it)."""
+    step_loss, metric_sums = torch.zeros((), device=d.device), {}
+    for i, batch in enumerate(batch_examples):
+        # With DDP, gradients are averaged across processes only at the last micro batch.
+        with no_sync() if i < len(batch_examples) - 1 else nullcontext():
+            with autocast(d.device, compute_dtype):
+                loss_sum, metrics = compute(batch)
+            # Sum over this micro batch * world / B: after DDP's average, the mean over the global batch.
+            (loss_sum * (d.world / args.batch_size)).backward()
+        step_loss += loss_sum.detach().float()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+    if args.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, metric_sums, grad_norm
+
+
+def new_window():
+    """The sums of the steps since the last log line."""
+    return {"sums": {}, "grad_norm": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+
+
+def close_window(window, done, lr, n_examples, args, d):
+    """The log record of the steps in `window`: means per example of the loss
+    and every metric, over all processes, the gradient norm and throughput.
+    The one place the loop reads numbers from the device."""
+    keys = sorted(window["sums"])
+    values = torch.stack([window["sums"][k] for k in keys])
+    if d.world > 1:
+        dist.all_reduce(values)                              # sums over all processes
+    n = window["steps"] * args.batch_size
+    record = {"step": done, "epoch": round(done * args.batch_size / n_examples, 3), "lr": lr}
+    record.update({k: v / n for k, v in zip(keys, values.tolist())})        # means per pair
+    record["grad_norm"] = float(window["grad_norm"]) / window["steps"]     # before clipping
+    record["tokens_per_s"] = window["tokens"] / max(time.perf_counter() - window["start"], 1e-9)
+    return record
+
+
+def stop_if_not_finite(first_bad, ckpt_dir, d):
+    """Raise NonFiniteLoss if any process saw a NaN or infinite loss (first_bad >= 0)."""
+    if d.world > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+    bad = int(first_bad)
+    if bad >= 0:
+        last = checkpoint_state(ckpt_dir)
+        where = (f"the last good checkpoint (step {last['step']}) in {ckpt_dir} is intact"
+                 if last else "no checkpoint had been written")
+        raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad + 1}; training stopped "
+                            f"and {where}. Try a lower --lr or check the data.")
+
+
+def evaluate_heldout(model, evaluate, step, metrics_path, d, compute_dtype):
+    """evaluate(model) on process 0, in eval mode and without gradients,
+    logged as {"step", "heldout": {...}}; the other processes wait."""
+    result = None
+    if evaluate is not None and d.main:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(d.device, compute_dtype):
+            result = evaluate(model)
+        model.train(was_training)
+        append_metrics(metrics_path, {"step": step, "heldout": result})
+        tqdm.write("held-out at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in result.items())))
+    if d.world > 1:
+        dist.barrier()
+    return result
+
+
+def heldout_evaluation(loss_fn, examples, micro_batch):
+    """The `evaluate` that `train` takes: the training loss and metrics on
+    held-out examples (messages training never saw), means per example."""
+    def evaluate(model):
+        if not examples:
+            return {}
+        totals = {}
+        ordered = sorted(examples, key=lambda e: e["length"])
+        for b in range(0, len(ordered), micro_batch):
+            loss, metrics = loss_fn(model, ordered[b:b + micro_batch])
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        return {k: v / len(examples) for k, v in totals.items()}
+    return evaluate
+
+
 def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fingerprint,
           lr_scales=None, evaluate=None):
     """Train `model` in place; return the metrics of the last log step, with
@@ -554,7 +673,12 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
     loss_fn(model, batch) -> (loss_sum, {metric: sum over the batch}), tensors
     fingerprint: the settings a resume must match (dict, JSON)
     evaluate(model) -> {metric: float}: held-out evaluation, on process 0
-    Writes <out_dir>/metrics.jsonl and <out_dir>/checkpoint/."""
+    Writes <out_dir>/metrics.jsonl and <out_dir>/checkpoint/.
+
+    Each step: set the learning rate, take the step's examples (a pure
+    function of the seed and the step), `train_step`; every --log-every
+    steps a log line (`close_window`), every --save-every a checkpoint,
+    every --eval-every a held-out evaluation."""
     os.makedirs(out_dir, exist_ok=True)
     ckpt_dir = os.path.join(out_dir, "checkpoint")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -570,42 +694,11 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
     originals = cast_frozen_matrices(model, compute_dtype)
     try:                    # put the fp32 originals back however training ends (NaN, resume error, Ctrl-C)
         fingerprint = json.loads(json.dumps({**fingerprint, "total_steps": total}))   # as it reads back from JSON
-
-        start, elapsed = 0, 0.0
-        state = None if args.no_resume else checkpoint_state(ckpt_dir)
-        if state is not None:
-            changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
-            if changed:
-                what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:3])
-                raise DataError(f"{ckpt_dir} was made with other settings ({what}); pass --no-resume to start again")
-            state = load_checkpoint(ckpt_dir, model, optimizer, d.device)
-            start, elapsed = state["step"], state["elapsed_s"]
-        if d.main:
-            cut_metrics(metrics_path, start if state is not None else None)
-            if state is not None:
-                print(f"resuming from {ckpt_dir} at step {start} of {total}", file=sys.stderr)
-        if d.world > 1:
-            dist.barrier()
-
-        def log_eval(step):
-            result = None
-            if evaluate is not None and d.main:
-                was_training = model.training
-                model.eval()
-                with torch.no_grad(), autocast(d.device, compute_dtype):
-                    result = evaluate(model)
-                model.train(was_training)
-                append_metrics(metrics_path, {"step": step, "heldout": result})
-                tqdm.write("held-out at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in result.items())))
-            if d.world > 1:
-                dist.barrier()
-            return result
-
+        start, elapsed = resume_or_start(ckpt_dir, metrics_path, model, optimizer, fingerprint, args, d, total)
         params = [p for p in model.parameters() if p.requires_grad]
-        example_sums, grad_norm_sum, steps_in_window, tokens_in_window = {}, 0.0, 0, 0
         first_bad = torch.tensor(-1, device=d.device)      # first step with a non-finite loss (-1: none)
-        last_record = {}
-        run_start = window_start = time.perf_counter()
+        window, last_record = new_window(), {}
+        run_start = time.perf_counter()
         bar = tqdm(total=total, initial=start, disable=not d.main, desc=os.path.basename(out_dir.rstrip("/")), dynamic_ncols=True)
         model.train()
         for step in range(start, total):
@@ -613,60 +706,29 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             indices = step_examples(step, len(examples), args.batch_size, args.seed)
-            batches = micro_batches(indices, lengths, d.rank, d.world, args.micro_batch)
-            step_loss = torch.zeros((), device=d.device)
-            for i, batch in enumerate(batches):
-                # With DDP, gradients are averaged across processes only at the last micro batch.
-                with no_sync() if i < len(batches) - 1 else nullcontext():
-                    with autocast(d.device, compute_dtype):
-                        loss_sum, metrics = compute([examples[j] for j in batch])
-                    # Sum over this micro batch * world / B: after DDP's average, the mean over the global batch.
-                    (loss_sum * (d.world / args.batch_size)).backward()
-                step_loss += loss_sum.detach().float()
-                for k, v in metrics.items():
-                    example_sums[k] = example_sums.get(k, 0) + v.detach().float()
-            if args.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = [[examples[j] for j in batch] for batch in micro_batches(indices, lengths, d.rank, d.world, args.micro_batch)]
+            step_loss, metric_sums, grad_norm = train_step(compute, no_sync, optimizer, params, batches, args, d, compute_dtype)
             # Remember the first step whose loss was NaN or inf, without reading it now.
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
-            example_sums["loss"] = example_sums.get("loss", 0) + step_loss
-            grad_norm_sum = grad_norm_sum + grad_norm.detach().float()
-            steps_in_window += 1
-            tokens_in_window += sum(lengths[j] for j in indices)
+            for k, v in {**metric_sums, "loss": step_loss}.items():
+                window["sums"][k] = window["sums"].get(k, 0) + v
+            window["grad_norm"] = window["grad_norm"] + grad_norm.detach().float()
+            window["steps"] += 1
+            window["tokens"] += sum(lengths[j] for j in indices)
             done = step + 1
 
             if done % args.log_every == 0 or done % args.save_every == 0 or done == total:
-                # The one place the loop reads numbers from the device: metrics and the NaN flag.
-                keys = sorted(example_sums)
-                values = torch.stack([example_sums[k] for k in keys])
-                if d.world > 1:
-                    dist.all_reduce(values)                              # sums over all processes
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-                values, bad = values.tolist(), int(first_bad)
-                if bad >= 0:
-                    last = checkpoint_state(ckpt_dir)
-                    where = (f"the last good checkpoint (step {last['step']}) in {ckpt_dir} is intact"
-                             if last else "no checkpoint had been written")
+                try:
+                    stop_if_not_finite(first_bad, ckpt_dir, d)
+                except NonFiniteLoss:
                     bar.close()
-                    raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad + 1}; training stopped "
-                                        f"and {where}. Try a lower --lr or check the data.")
-                now = time.perf_counter()
-                n = steps_in_window * args.batch_size
-                record = {"step": done, "epoch": round(done * args.batch_size / len(examples), 3), "lr": lr}
-                record.update({k: v / n for k, v in zip(keys, values)})         # means per pair
-                record["grad_norm"] = float(grad_norm_sum) / steps_in_window  # before clipping
-                record["tokens_per_s"] = tokens_in_window / max(now - window_start, 1e-9)
-                record["elapsed_s"] = round(elapsed + now - run_start, 2)
-                last_record = record
+                    raise
+                last_record = close_window(window, done, lr, len(examples), args, d)
+                last_record["elapsed_s"] = round(elapsed + time.perf_counter() - run_start, 2)
                 if d.main:
-                    append_metrics(metrics_path, record)
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "accuracy", "margin") if k in record})
-                example_sums, grad_norm_sum, steps_in_window, tokens_in_window = {}, 0.0, 0, 0
-                window_start = now
+                    append_metrics(metrics_path, last_record)
+                    bar.set_postfix({k: f"{last_record[k]:.3g}" for k in ("loss", "accuracy", "margin") if k in last_record})
+                window = new_window()
             bar.update(1)
             if done % args.save_every == 0 and done < total:
                 if d.main:
@@ -674,15 +736,15 @@ def train(model, examples, lengths, loss_fn, args, d, out_dir, compute_dtype, fi
                         "step": done, "elapsed_s": elapsed + time.perf_counter() - run_start, "fingerprint": fingerprint})
                 if d.world > 1:
                     dist.barrier()
-                window_start = time.perf_counter()          # throughput counts training only
+                window["start"] = time.perf_counter()          # throughput counts training only
             if args.eval_every and done % args.eval_every == 0 and done < total:
-                log_eval(done)
-                window_start = time.perf_counter()
+                evaluate_heldout(model, evaluate, done, metrics_path, d, compute_dtype)
+                window["start"] = time.perf_counter()
             if args.kill_at_step is not None and done == args.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)         # testing aid: die the way a crash does
         bar.close()
         model.eval()
-        last_record["heldout"] = log_eval(total)
+        last_record["heldout"] = evaluate_heldout(model, evaluate, total, metrics_path, d, compute_dtype)
         last_record["elapsed_s"] = round(elapsed + time.perf_counter() - run_start, 2)
         return last_record
     finally:

@@ -65,6 +65,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import dpo  # noqa: E402
 import model as M  # noqa: E402
+import weights as W  # noqa: E402
 import train_loop as T  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "tests", "data", "preferences_sample.jsonl")
@@ -265,7 +266,7 @@ def main():
     runs = [("ours, full", "ours", "full"), ("ours, default (blocks, not embedding)", "ours", "default")]
     if trl_version and not args.no_trl:
         tmp = tempfile.mkdtemp()
-        M.save_model(M.load_model(args.model, "cpu"), os.path.join(tmp, "hf"))
+        W.save_model(M.load_model(args.model, "cpu"), os.path.join(tmp, "hf"))
         cfg["hf_folder"] = os.path.join(tmp, "hf")
         runs.append(("TRL DPOTrainer, full", "trl", "default"))
         if args.trl_precompute:

@@ -1,4 +1,5 @@
-"""Benchmark: batched generation, new tokens per second, against `transformers`.
+"""Benchmark: batched generation, new tokens per second, against `transformers`
+and against model.py's plain path (fast.py's shortcuts off).
 
     python bench/generate_speed.py                      # batch 1, 16, 64; fp32 and bf16
     python bench/generate_speed.py --batch 16 --dtype fp32
@@ -8,7 +9,8 @@ Both sides run in this process on the same weights (the embedded model, saved
 once as a Hugging Face folder that `transformers` loads), the same prompts,
 the same sampling (temperature 0.7, no top-p) and exactly --new-tokens new
 tokens per sequence (end of turn is ignored, so both do the same work).
-Prints a markdown table with the ratio ours / transformers in each setting.
+Prints a markdown table with the ratio ours / transformers in each setting,
+and our speed with `fast.ENABLED = False` (--no-plain skips it).
 `transformers` is optional: without it only our figures are printed.
 """
 import argparse
@@ -20,7 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fast  # noqa: E402
 import model as M  # noqa: E402
+import weights as W  # noqa: E402
 
 PROMPTS = [
     "Tell me a story about a dragon who learns to cook.",
@@ -82,6 +86,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     p.add_argument("--model", default=None)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-plain", action="store_true", help="do not time the plain path (fast.py off)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     args = p.parse_args()
     device = M.pick_device(args.device)
@@ -101,7 +106,7 @@ def main():
     base = M.load_model(args.model, "cpu")
     tmp = tempfile.mkdtemp()
     if transformers:
-        M.save_model(base, os.path.join(tmp, "hf"))
+        W.save_model(base, os.path.join(tmp, "hf"))
     rows = []
     for dtype_name in args.dtype:
         dtype = M.pick_dtype(device, dtype_name, quiet=True)
@@ -114,13 +119,21 @@ def main():
             prompts = prompts_for(ours.tokenizer, batch)
             M.generate(ours, prompts[:2], max_new_tokens=4, stop_ids=[])          # warm-up
             a = time_ours(ours, prompts, args.new_tokens, args.repeats, device)
+            plain = None
+            if not args.no_plain:
+                fast.ENABLED = False
+                try:
+                    plain = time_ours(ours, prompts, args.new_tokens, args.repeats, device)
+                finally:
+                    fast.ENABLED = True
             b = time_transformers(hf, prompts, ours.tokenizer.pad_id, args.new_tokens, args.repeats, device) if hf else None
-            rows.append((batch, dtype_name, a, b))
-            print(f"batch {batch:3d} {dtype_name}: ours {a:7.1f} tok/s"
+            rows.append((batch, dtype_name, a, plain, b))
+            print(f"batch {batch:3d} {dtype_name}: ours {a:7.1f} tok/s" + (f", plain path {plain:7.1f} tok/s" if plain else "")
                   + (f", transformers {b:7.1f} tok/s, ratio {a / b:.2f}x" if b else ""), file=sys.stderr)
-    print(f"\n{'CPU' if device.type == 'cpu' else 'device'}: {machine}\n\n| batch | dtype | ours (tok/s) | transformers (tok/s) | ratio |\n|---:|---|---:|---:|---:|")
-    for batch, dtype_name, a, b in rows:
-        print(f"| {batch} | {dtype_name} | {a:.1f} | {f'{b:.1f}' if b else '-'} | {f'{a / b:.2f}x' if b else '-'} |")
+    print(f"\n{'CPU' if device.type == 'cpu' else 'device'}: {machine}\n\n"
+          "| batch | dtype | ours (tok/s) | plain path (tok/s) | transformers (tok/s) | ours / transformers |\n|---:|---|---:|---:|---:|---:|")
+    for batch, dtype_name, a, plain, b in rows:
+        print(f"| {batch} | {dtype_name} | {a:.1f} | {f'{plain:.1f}' if plain else '-'} | {f'{b:.1f}' if b else '-'} | {f'{a / b:.2f}x' if b else '-'} |")
 
 
 if __name__ == "__main__":

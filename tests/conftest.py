@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+import weights as W  # noqa: E402
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, max_seq_len=2048)
 
@@ -42,7 +43,7 @@ def tokenizer(real_model):
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random model saved as a Hugging Face folder: pass it as --model."""
     folder = str(tmp_path_factory.mktemp("tiny") / "model")
-    M.save_model(make_tiny(tokenizer), folder)
+    W.save_model(make_tiny(tokenizer), folder)
     return folder
 
 

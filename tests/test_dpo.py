@@ -10,6 +10,7 @@ import torch
 
 import dpo
 import model as M
+import weights as W
 import train_loop as T
 from test_train_loop import run_stage, write_pairs
 
@@ -148,7 +149,7 @@ def test_save_gguf_round_trip_exact_in_f32_and_close_in_f16(tiny_model, tmp_path
         reference = tiny_model.logits(tiny_model(ids))
         for dtype, tol in (("f32", 0.0), ("f16", 0.05)):
             path = str(tmp_path / f"m_{dtype}.gguf")
-            M.save_gguf(tiny_model, path, dtype)
+            W.save_gguf(tiny_model, path, dtype)
             back = M.load_model(path, "cpu")
             torch.testing.assert_close(back.logits(back(ids)), reference, rtol=0, atol=tol)
             assert back.tokenizer.chat([{"role": "user", "content": "Hi 42"}]) == tokenizer.chat([{"role": "user", "content": "Hi 42"}])
@@ -159,7 +160,7 @@ def test_gguf_export_loads_in_transformers_with_identical_logits(tiny_model, tmp
     """transformers' GGUF loader follows llama.cpp's conventions (metadata
     names, q/k permutation, tokenizer): a second, independent reader."""
     transformers = pytest.importorskip("transformers")
-    M.save_gguf(tiny_model, str(tmp_path / "m.gguf"))
+    W.save_gguf(tiny_model, str(tmp_path / "m.gguf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     messages = [{"role": "user", "content": "What is 12 + 30?"}]

@@ -15,6 +15,7 @@ import torch
 
 import character as C
 import generate as G
+from stage_files import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,8 +256,8 @@ def test_trim_to_sentence():
 def test_outputs_have_the_agreed_format(reference):
     """queries.jsonl and responses.jsonl follow the shared formats: ids, sources, splits, the traits hash,
     K-1 trait-prompted answers and 1 plain per message; no partial files are left."""
-    queries = G.read_jsonl(os.path.join(reference, "queries.jsonl"))
-    responses = G.read_jsonl(os.path.join(reference, "responses.jsonl"))
+    queries = read_jsonl(os.path.join(reference, "queries.jsonl"))
+    responses = read_jsonl(os.path.join(reference, "responses.jsonl"))
     sha = C.traits_sha(C.parse_traits(os.path.join(reference, "traits.txt")))
     assert len(queries) == 6 and [q["id"] for q in queries] == [f"t{t}-q00{i}" for t in (1, 2) for i in range(3)]
     for q in queries:
@@ -366,7 +367,7 @@ def test_both_stages_on_the_real_model(real_model, tmp_path):
             "--report", f"{d}/generate_report.json", "--max-traits", "2", "--max-seeds", "1", "--new-per-trait", "1",
             "--list-samples", "1", "--list-tokens", "48", "--eval-messages", "2", "--answers", "2", "--max-new-tokens", "24",
             "--batch-size", "8"], model=real_model)
-    queries = G.read_jsonl(f"{d}/queries.jsonl")
+    queries = read_jsonl(f"{d}/queries.jsonl")
     assert [q["trait_id"] for q in queries[:4]] == [1, 1, 2, 2]
     top_up = queries[4:]
     assert top_up and all(q["split"] == "eval" and q["source"] == "generated" for q in top_up), queries
@@ -377,17 +378,17 @@ def test_both_stages_on_the_real_model(real_model, tmp_path):
             q["split"] == "eval" for q in queries if q["trait_id"] == t)
     generated = [q for q in queries if q["source"] == "generated"]
     assert generated and all(len(q["text"]) > 10 for q in generated), queries
-    responses = G.read_jsonl(f"{d}/responses.jsonl")
+    responses = read_jsonl(f"{d}/responses.jsonl")
     assert [r["query_id"] for r in responses] == [q["id"] for q in queries[:4]]
     assert all(len(r["responses"]) == 2 and any(a["text"] for a in r["responses"]) for r in responses)
     for judge in ("contrast", "compare"):
         R.main(["--traits", os.path.join(ROOT, "traits.txt"), "--responses", f"{d}/responses.jsonl",
                 "--scores", f"{d}/scores_{judge}.jsonl", "--preferences", f"{d}/preferences_{judge}.jsonl",
                 "--report", f"{d}/rank_report_{judge}.json", "--judge", judge], model=real_model)
-        scores = G.read_jsonl(f"{d}/scores_{judge}.jsonl")
+        scores = read_jsonl(f"{d}/scores_{judge}.jsonl")
         assert len(scores) == 4 and all(len(s["scores"]) == 2 for s in scores)
         train = {q["id"] for q in queries if q["split"] == "train"}
-        prefs = G.read_jsonl(f"{d}/preferences_{judge}.jsonl")
+        prefs = read_jsonl(f"{d}/preferences_{judge}.jsonl")
         assert prefs and {p["query_id"] for p in prefs} <= train
         report = json.load(open(f"{d}/rank_report_{judge}.json"))
         assert 0 <= report["prompted_beats_plain"] <= 1

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, make_tiny
+import fast
 import model as M
+import weights as W
 
 GOLDEN = json.load(open(os.path.join(ROOT, "tests", "golden", "smollm2_135m.json")))
 
@@ -199,7 +201,7 @@ def test_answers_sharing_a_prompt_score_as_if_each_ran_alone(tiny_model, tokeniz
 def test_save_then_load_round_trips_bit_for_bit(tmp_path, tokenizer):
     for bias in (False, True):      # llama, and Qwen2-style q/k/v biases
         tiny = make_tiny(tokenizer, qkv_bias=bias, arch="qwen2" if bias else "llama")
-        M.save_model(tiny, str(tmp_path / f"m{bias}"))
+        W.save_model(tiny, str(tmp_path / f"m{bias}"))
         back = M.load_model(str(tmp_path / f"m{bias}"), "cpu")
         a, b = tiny.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -213,7 +215,7 @@ def test_transformers_loads_a_saved_folder_with_the_same_logits(tmp_path, tokeni
     transformers = pytest.importorskip("transformers")
     for bias in (False, True):
         tiny = make_tiny(tokenizer, qkv_bias=bias, arch="qwen2" if bias else "llama", tie_embeddings=not bias)
-        M.save_model(tiny, str(tmp_path / "m"))
+        W.save_model(tiny, str(tmp_path / "m"))
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
         ids = torch.tensor([tokenizer.prompt("Hi, how are you today?")])
         with torch.no_grad():
@@ -222,8 +224,8 @@ def test_transformers_loads_a_saved_folder_with_the_same_logits(tmp_path, tokeni
 
 def test_gguf_query_key_permutation_is_undone_exactly():
     w = torch.randn(9 * 64, 576)
-    assert torch.equal(M._unpermute(M._permute(w, 9), 9), w)
-    assert not torch.equal(M._permute(w, 9), w)
+    assert torch.equal(W._unpermute(W._permute(w, 9), 9), w)
+    assert not torch.equal(W._permute(w, 9), w)
 
 
 def test_missing_path_not_a_model_and_unsupported_architecture_fail_clearly(tmp_path):
@@ -289,11 +291,11 @@ def test_bf16_weights_give_nearly_the_same_next_token_distribution(tiny_model_di
 
 def test_stacked_projections_split_back_to_the_files_layout_exactly(tokenizer):
     model = make_tiny(tokenizer, qkv_bias=True)
-    files = M.split_projections(model.state_dict(), model.cfg)
+    files = W.split_projections(model.state_dict(), model.cfg)
     assert {"layers.0.self_attn.q_proj.bias", "layers.1.mlp.up_proj.weight"} <= set(files)
     assert not any("qkv_proj" in k or "gate_up_proj" in k for k in files)
     assert files["layers.0.self_attn.k_proj.weight"].shape == (2 * 16, 64)   # 2 key/value heads of 16
-    again = M.fuse_projections(files)
+    again = W.fuse_projections(files)
     assert again.keys() == model.state_dict().keys()
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
 
@@ -309,14 +311,14 @@ def test_the_decoding_shortcuts_of_linear_equal_nn_linear(monkeypatch, rows, dty
     inputs. Without a bias, bf16 may be off by one rounding (0.4%), not more;
     with one, the bias is added after that rounding, so near-cancelling sums get 2e-2."""
     if not can_pack:
-        monkeypatch.setattr(M, "cpu_can_pack", lambda dtype: False)
+        monkeypatch.setattr(fast, "cpu_can_pack", lambda dtype: False)
     torch.manual_seed(0)
     x, w, b = (t.to(dtype) for t in (torch.randn(rows, 1, 96), torch.randn(80, 96) / 10, torch.randn(80)))
-    packed = M.pack_weight(w)
-    assert (packed is not None) == (can_pack and M.cpu_can_pack(dtype))
+    packed = fast.pack_weight(w)
+    assert (packed is not None) == (can_pack and fast.cpu_can_pack(dtype))
     for bias, tol in [(None, 4e-3), (b, 2e-2)]:
         expected = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-        got = M.linear(x, w, bias, packed=packed)
+        got = fast.linear(x, w, bias, packed=packed)
         assert got.shape == expected.shape and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else tol
         torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
@@ -326,12 +328,12 @@ def test_the_pack_probe_asks_the_running_cpu(monkeypatch):
     """cpu_can_pack tries oneDNN on a tiny matrix; a refusal (as on AVX2 for bf16) is a False, not a crash."""
     def refuse(*a, **k):
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
-    M.cpu_can_pack.cache_clear()
+    fast.cpu_can_pack.cache_clear()
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
     try:
-        assert M.cpu_can_pack(torch.float32) is False and M.pack_weight(torch.ones(4, 4)) is None
+        assert fast.cpu_can_pack(torch.float32) is False and fast.pack_weight(torch.ones(4, 4)) is None
     finally:
-        M.cpu_can_pack.cache_clear()
+        fast.cpu_can_pack.cache_clear()
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -340,7 +342,7 @@ def test_generation_with_packing_refused_equals_generation_with_it(monkeypatch, 
     falls back to the plain product where it cannot: the same tokens either way."""
     prompts = [tokenizer.prompt("Hello"), tokenizer.prompt("What is two plus two?")][:batch]
     packed = M.generate(tiny_model, prompts, max_new_tokens=8, temperature=0)
-    monkeypatch.setattr(M, "cpu_can_pack", lambda dtype: False)
+    monkeypatch.setattr(fast, "cpu_can_pack", lambda dtype: False)
     plain = M.generate(tiny_model, prompts, max_new_tokens=8, temperature=0)
     assert packed == plain
 
@@ -352,17 +354,17 @@ def test_packing_is_a_rule_that_takes_no_timing(monkeypatch, tiny_model):
     import time
     monkeypatch.setattr(time, "perf_counter", lambda: (_ for _ in ()).throw(AssertionError("timed")))
     for batch in (1, 16, 64):
-        with M.packed_for_decoding(tiny_model, batch):
-            assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == M.cpu_can_pack(torch.float32)
-    with M.packed_for_decoding(tiny_model, 65):
+        with fast.packed_for_decoding(tiny_model, batch):
+            assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == fast.cpu_can_pack(torch.float32)
+    with fast.packed_for_decoding(tiny_model, 65):
         assert tiny_model.layers[0].mlp.down_proj.packed is None         # past 64 rows: the plain product
 
 
 def test_packing_is_refused_where_the_cpu_cannot_and_dropped_after_the_call(monkeypatch, tiny_model):
-    can_pack = M.cpu_can_pack(torch.float32)                                      # this CPU's answer
+    can_pack = fast.cpu_can_pack(torch.float32)                                      # this CPU's answer
     for refused in (False, True):
-        monkeypatch.setattr(M, "cpu_can_pack", lambda dtype, _r=refused: can_pack and not _r)
-        with M.packed_for_decoding(tiny_model, 16):
+        monkeypatch.setattr(fast, "cpu_can_pack", lambda dtype, _r=refused: can_pack and not _r)
+        with fast.packed_for_decoding(tiny_model, 16):
             assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == (can_pack and not refused)
         assert tiny_model.layers[0].mlp.down_proj.packed is None                   # dropped after the call
 
@@ -380,7 +382,7 @@ def test_one_token_attention_equals_scaled_dot_product_attention(dtype):
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
                                                                 enable_gqa=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(M.one_token_attention(q, k, v, mask).float(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(fast.one_token_attention(q, k, v, mask).float(), expected, rtol=tol, atol=tol)
 
 
 def test_greedy_generation_is_the_same_with_the_fused_attention_kernel(monkeypatch, tiny_model, tokenizer):
@@ -395,6 +397,90 @@ def test_greedy_generation_is_the_same_with_the_fused_attention_kernel(monkeypat
     def fused(q, k, v, mask):
         calls.append(1)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    monkeypatch.setattr(M, "one_token_attention", fused)
+    monkeypatch.setattr(fast, "one_token_attention", fused)
     assert M.generate(tiny_model, prompts, max_new_tokens=8, temperature=0) == by_products
     assert calls                                                          # the decoding steps did go through it
+
+
+# ---- fast.py: every shortcut gives what model.py's plain path gives ---------------
+
+def plain_and_fast(monkeypatch, run):
+    """run() with fast.py's shortcuts on (the default), then with them off."""
+    with_fast = run()
+    monkeypatch.setattr(fast, "ENABLED", False)
+    return run(), with_fast
+
+
+def test_fast_generation_gives_the_plain_generations_greedy_tokens(monkeypatch, tiny_model, tokenizer):
+    """The shared prompt pass (repeated prompts run once, groups of similar
+    length), packed weights and the two-product attention change no greedy
+    token in a batch of 20 that crosses a prompt group. (They round in other
+    last bits, so a sampled token of this random model's flat distributions
+    can differ, about one in a few hundred: the next test bounds the
+    difference itself.)"""
+    texts = ["word " * n for n in (7, 1, 19, 3, 12, 0, 15, 5, 9, 2, 17, 4, 11, 6, 14, 8, 1, 13, 7, 16)]
+    prompts = [tokenizer.prompt(t + "?") for t in texts]
+    plain, quick = plain_and_fast(monkeypatch, lambda: M.generate(tiny_model, prompts, max_new_tokens=12,
+                                                                  temperature=0, stop_ids=[]))
+    assert quick == plain
+
+
+def test_the_shared_prompt_pass_leaves_the_plain_passs_cache_and_states(tiny_model, tokenizer):
+    """Keys and values at every real prompt position, and each prompt's last
+    hidden state, equal the plain pass's to rounding (padding slots may differ:
+    they are masked)."""
+    prompts = [tokenizer.prompt("word " * n + "?") for n in (7, 1, 19, 3, 12, 0, 15, 5, 9, 2, 17, 4, 11, 6, 14, 8, 1, 13, 7, 16)]
+    T = max(len(p) for p in prompts)
+    caches = [tiny_model.new_cache(len(prompts), T) for _ in range(2)]
+    with torch.inference_mode():
+        quick = fast.shared_prompt_pass(tiny_model, prompts, caches[0], M.prompt_pass)
+        plain = M.prompt_pass(tiny_model, prompts, caches[1])
+    torch.testing.assert_close(quick, plain, rtol=1e-4, atol=1e-4)
+    real = torch.tensor([[t >= T - len(p) for t in range(T)] for p in prompts])
+    for (k1, v1), (k2, v2) in zip(*caches):
+        torch.testing.assert_close(k1.transpose(1, 2)[real], k2.transpose(1, 2)[real], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v1.transpose(1, 2)[real], v2.transpose(1, 2)[real], rtol=1e-4, atol=1e-4)
+
+
+def test_fast_generation_gives_the_plain_generations_tokens_on_the_real_model(monkeypatch, real_model, tokenizer):
+    prompts = [tokenizer.prompt(t) for t in ["Name a colour.", "Name a colour.", "What is the capital of France?"]]
+    plain, quick = plain_and_fast(monkeypatch, lambda: M.generate(real_model, prompts, max_new_tokens=10, temperature=0))
+    assert quick == plain and quick[0] == quick[1]
+
+
+def test_the_plain_path_takes_no_shortcut(monkeypatch, tiny_model, tokenizer):
+    """With fast.ENABLED off nothing is packed, the fused attention kernel is
+    used, and prompts are not shared: the plain path really is plain."""
+    monkeypatch.setattr(fast, "ENABLED", False)
+    for name in ("pack_weight", "one_token_attention", "shared_prompt_pass", "linear", "logprobs_after_prefix"):
+        monkeypatch.setattr(fast, name, lambda *a, _n=name, **k: pytest.fail(f"fast.{_n} called"))
+    prompts = [tokenizer.prompt("Hi")] * 9                       # 9 rows: two-product attention's batch size
+    M.generate(tiny_model, prompts, max_new_tokens=4, temperature=0)
+    seqs, masks = zip(*[tokenizer.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": a}])
+                        for a in ("Hello.", "Hi there.")])
+    M.answer_logprobs(tiny_model, list(seqs), list(masks))
+
+
+def test_answers_scored_after_a_shared_prompt_equal_the_plain_scores(monkeypatch, tiny_model, tokenizer):
+    pairs = [("Tell me about cats.", "Cats purr."), ("Tell me about cats.", "They are small, soft and proud animals."),
+             ("Hi", "Hello."), ("Tell me about cats.", "No."), ("Hi", "Good day to you.")]
+    seqs, masks = zip(*[tokenizer.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                        for q, a in pairs])
+    assert any(p is not None for p, _ in fast.shared_prefix_batches(seqs, masks, 2))    # the shortcut is taken
+    (plain_sums, plain_means), (sums, means) = plain_and_fast(
+        monkeypatch, lambda: M.answer_logprobs(tiny_model, list(seqs), list(masks), batch_size=2))
+    assert sums == pytest.approx(plain_sums, abs=1e-4) and means == pytest.approx(plain_means, abs=1e-5)
+
+
+def test_textbook_rope_rotates_each_pair_by_its_angle(tokenizer):
+    """apply_rope turns each pair (x_i, x_{i+d/2}) as the complex number
+    x_i + i x_{i+d/2} multiplied by e^{i a}: lengths kept, angle a added."""
+    cfg = make_tiny(tokenizer).cfg
+    cos, sin = M.rope_tables(cfg)
+    x = torch.randn(cfg.head_dim, generator=torch.Generator().manual_seed(0))
+    half = cfg.head_dim // 2
+    for position in (0, 1, 37):
+        angle = position * cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+        z = torch.complex(x[:half], x[half:]) * torch.polar(torch.ones(half), angle)
+        got = M.apply_rope(x, cos[position], sin[position])
+        torch.testing.assert_close(got, torch.cat([z.real, z.imag]), rtol=1e-5, atol=1e-5)

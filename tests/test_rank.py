@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import generate as G
+from stage_files import read_jsonl
 import rank as R
 from character import teacher_prompt
 from test_generate import (ROOT, gen_argv, kill_when_units_written, one_thread, read_bytes, run_script, script_env,
@@ -182,11 +183,11 @@ def test_outputs_score_every_answer_and_pair_only_train(generated):
     """Every answer of every message is scored; pairs come from train messages only, best vs worst,
     with scores, margin, trait, judge and traits hash; the report holds the sanity figures."""
     d = str(generated)
-    responses = G.read_jsonl(f"{d}/responses.jsonl")
-    scores = G.read_jsonl(f"{d}/scores.jsonl")
+    responses = read_jsonl(f"{d}/responses.jsonl")
+    scores = read_jsonl(f"{d}/scores.jsonl")
     assert [s["query_id"] for s in scores] == [r["query_id"] for r in responses]
     assert all(len(s["scores"]) == 3 and s["judge"] == "contrast" for s in scores)
-    prefs = G.read_jsonl(f"{d}/preferences.jsonl")
+    prefs = read_jsonl(f"{d}/preferences.jsonl")
     train = [r for r in responses if r["split"] == "train"]
     assert len(prefs) == len(train) == 4
     by_id = {r["query_id"]: r for r in responses}
@@ -214,12 +215,12 @@ def test_compare_and_opposite_judges_run_and_are_named(generated, tiny_model, tm
         R.main(rank_argv(tmp_path, "unused", ["--judge", "compare"]), model=tiny_model)
     report = json.load(open(f"{d}/rank_report.json"))
     assert 0 <= report["order_flip_rate"] <= 1 and 0 <= report["first_position_prob"] <= 1
-    for s in G.read_jsonl(f"{d}/scores.jsonl"):
+    for s in read_jsonl(f"{d}/scores.jsonl"):
         assert sum(s["scores"]) == pytest.approx(1.5, abs=1e-4) and len(s["pairs"]) == 3
-    assert {p["judge"] for p in G.read_jsonl(f"{d}/preferences.jsonl")} == {"compare"}
+    assert {p["judge"] for p in read_jsonl(f"{d}/preferences.jsonl")} == {"compare"}
     with one_thread():
         R.main(rank_argv(tmp_path, "unused", ["--against", "opposite"]), model=tiny_model)
-    assert {p["judge"] for p in G.read_jsonl(f"{d}/preferences.jsonl")} == {"contrast-opposite"}
+    assert {p["judge"] for p in read_jsonl(f"{d}/preferences.jsonl")} == {"contrast-opposite"}
 
 
 def test_killed_rank_resumes_to_the_same_bytes(generated, tiny_model_dir, tmp_path):
