@@ -14,10 +14,12 @@ so that a seed gives the same answers every time:
   reading the weights:
   - `packed_for_decoding` reorders every matrix once per `generate` call
     into the blocked layout oneDNN's product reads fastest, where this CPU's
-    oneDNN can (`cpu_can_pack`), and `linear` multiplies by that copy;
+    oneDNN can (`cpu_can_pack`; not for one fp32 row on an AMX CPU,
+    `cpu_has_amx`), and `linear` multiplies by that copy;
   - in bf16 without a packed copy, `linear` takes the product as (W x^T)^T;
   - `one_token_attention` takes the new token's attention as two batched
-    products, without the fused kernel's fixed cost.
+    products, without the fused kernel's fixed cost (where that wins:
+    `one_token_attention_wins`).
 - Prompts and answers that share a beginning:
   - `shared_prompt_pass`: the prompt pass of `generate` runs once per
     distinct prompt (a message answered several times is computed once), in
@@ -75,6 +77,25 @@ def cpu_can_pack(dtype):
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx():
+    """Whether this CPU has AMX tile units for bf16 (Intel Xeon since Sapphire
+    Rapids): the `amx_bf16` flag Linux lists in /proc/cpuinfo (False where
+    there is no such file). A rule measured on the project's three kinds of
+    CPU, not a speed probe (see `cpu_can_pack` for why): with AMX, PyTorch's
+    fused attention kernel runs bf16 on the tiles and beats
+    `one_token_attention` (2026-12-05, generation 1.17-1.23x at batch 1, 16
+    and 64), and one fp32 row is faster by MKL's matrix-vector product than by
+    a packed weight (batch 1: 26.3 -> 31.9 tok/s); on an AMD EPYC with
+    AVX-512-BF16 and no AMX the same kernel is ten times slower than the
+    products in bf16, and on an AVX2-only EPYC packing one fp32 row is 1.35x."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def pack_weight(weight):
     """W reordered once into the blocked layout oneDNN's product reads (an
     opaque tensor), or None where this CPU cannot (`linear` then multiplies W)."""
@@ -115,6 +136,8 @@ def packed_for_decoding(model, batch_size):
     weights during the call (PERFORMANCE.md, Speed)."""
     weight = model.embed_tokens.weight
     pack = ENABLED and weight.device.type == "cpu" and batch_size <= DECODE_ROWS and cpu_can_pack(weight.dtype)
+    if batch_size == 1 and weight.dtype == torch.float32 and cpu_has_amx():
+        pack = False        # one fp32 row: MKL's matrix-vector product is faster there (`cpu_has_amx`)
     linears = [m for m in model.modules() if hasattr(m, "packed")]
     if pack:
         for m in linears:
@@ -135,13 +158,17 @@ def packed_for_decoding(model, batch_size):
 def one_token_attention_wins(q, attn_mask):
     """Whether `one_token_attention` beats the fused kernel for this step: a CPU
     decoding step (one query row per sequence), where the kernel's fixed cost
-    can dominate. The two products win in bf16 (64 sequences: 0.56 ms against
-    6.2 ms, AMD EPYC with AVX-512-BF16) and in fp32 from 8 sequences (1.3x
+    can dominate. The two products win in bf16 without AMX (64 sequences:
+    0.56 ms against 6.2 ms, AMD EPYC with AVX-512-BF16; with AMX the kernel
+    wins, `cpu_has_amx`) and in fp32 from 8 sequences (1.3x
     there, 1.05-1.08x on an AVX2-only EPYC); for 1-4 fp32 sequences the
     kernel is 2-4x faster. A rule, not a timing, for the reason in
     `cpu_can_pack`."""
-    return (ENABLED and q.shape[2] == 1 and attn_mask is not None and q.device.type == "cpu"
-            and (q.dtype == torch.bfloat16 or q.shape[0] >= PRODUCTS_ATTENTION_MIN_BATCH))
+    if not (ENABLED and q.shape[2] == 1 and attn_mask is not None and q.device.type == "cpu"):
+        return False
+    if q.dtype == torch.bfloat16:
+        return not cpu_has_amx()        # with AMX tiles the fused kernel is the faster (`cpu_has_amx`)
+    return q.shape[0] >= PRODUCTS_ATTENTION_MIN_BATCH
 
 
 def one_token_attention(q, k, v, additive_mask):

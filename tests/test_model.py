@@ -355,7 +355,8 @@ def test_packing_is_a_rule_that_takes_no_timing(monkeypatch, tiny_model):
     monkeypatch.setattr(time, "perf_counter", lambda: (_ for _ in ()).throw(AssertionError("timed")))
     for batch in (1, 16, 64):
         with fast.packed_for_decoding(tiny_model, batch):
-            assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == fast.cpu_can_pack(torch.float32)
+            expected = fast.cpu_can_pack(torch.float32) and not (batch == 1 and fast.cpu_has_amx())
+            assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == expected
     with fast.packed_for_decoding(tiny_model, 65):
         assert tiny_model.layers[0].mlp.down_proj.packed is None         # past 64 rows: the plain product
 
@@ -367,6 +368,37 @@ def test_packing_is_refused_where_the_cpu_cannot_and_dropped_after_the_call(monk
         with fast.packed_for_decoding(tiny_model, 16):
             assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == (can_pack and not refused)
         assert tiny_model.layers[0].mlp.down_proj.packed is None                   # dropped after the call
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_the_decoding_shortcuts_follow_the_cpu_rule(monkeypatch, tiny_model, amx):
+    """With AMX (the probe patched, so both branches run on every machine) bf16
+    attention takes the fused kernel and one fp32 row is not packed; without
+    it bf16 attention takes the two products. fp32 attention takes them from
+    8 sequences either way, and prompts (more than one query row) never."""
+    monkeypatch.setattr(fast, "cpu_has_amx", lambda: amx)
+    mask = torch.zeros(16, 1, 1, 5)
+    step = lambda batch, dtype, rows=1: fast.one_token_attention_wins(torch.zeros(batch, 9, rows, 64, dtype=dtype), mask[:batch])
+    assert step(1, torch.bfloat16) == step(16, torch.bfloat16) == (not amx)
+    assert step(16, torch.float32) and not step(4, torch.float32) and not step(16, torch.bfloat16, rows=3)
+    can_pack = fast.cpu_can_pack(torch.float32)
+    for batch, expected in [(1, can_pack and not amx), (16, can_pack)]:
+        with fast.packed_for_decoding(tiny_model, batch):
+            assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == expected
+
+
+def test_the_amx_probe_reads_the_cpu_flags(monkeypatch):
+    """cpu_has_amx reads /proc/cpuinfo's flags; where there is none (macOS,
+    Windows) the answer is False, not a crash."""
+    import builtins
+    fast.cpu_has_amx.cache_clear()
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    try:
+        assert fast.cpu_has_amx() is False
+    finally:
+        monkeypatch.undo()
+        fast.cpu_has_amx.cache_clear()
+    assert isinstance(fast.cpu_has_amx(), bool)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
