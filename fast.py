@@ -131,13 +131,14 @@ def linear(x, weight, bias=None, packed=None):
 def packed_for_decoding(model, batch_size):
     """While generating on a CPU with a batch of up to 64 sequences, keep a
     copy of every weight matrix in the layout oneDNN's matrix product reads
-    fastest (`linear`), wherever this CPU's oneDNN can (`cpu_can_pack`).
+    fastest (`linear`), wherever this CPU's oneDNN can (`cpu_can_pack`),
+    except one fp32 row on an AMX CPU (`cpu_has_amx`).
     Packing the 135M model takes ~0.1 s and holds a second copy of the
     weights during the call (PERFORMANCE.md, Speed)."""
     weight = model.embed_tokens.weight
-    pack = ENABLED and weight.device.type == "cpu" and batch_size <= DECODE_ROWS and cpu_can_pack(weight.dtype)
-    if batch_size == 1 and weight.dtype == torch.float32 and cpu_has_amx():
-        pack = False        # one fp32 row: MKL's matrix-vector product is faster there (`cpu_has_amx`)
+    one_fp32_row_on_amx = batch_size == 1 and weight.dtype == torch.float32 and cpu_has_amx()   # MKL's mv is faster there
+    pack = (ENABLED and weight.device.type == "cpu" and batch_size <= DECODE_ROWS and cpu_can_pack(weight.dtype)
+            and not one_fp32_row_on_amx)
     linears = [m for m in model.modules() if hasattr(m, "packed")]
     if pack:
         for m in linears:
