@@ -387,18 +387,28 @@ def test_the_decoding_shortcuts_follow_the_cpu_rule(monkeypatch, tiny_model, amx
             assert (tiny_model.layers[0].mlp.down_proj.packed is not None) == expected
 
 
-def test_the_amx_probe_reads_the_cpu_flags(monkeypatch):
-    """cpu_has_amx reads /proc/cpuinfo's flags; where there is none (macOS,
-    Windows) the answer is False, not a crash."""
+@pytest.mark.parametrize("cpuinfo, has_amx", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n", False),  # AMD EPYC Zen 4
+    ("processor\t: 0\nflags\t\t: fpu sse avx2\n", False),  # AVX2 only
+    (None, False),  # no /proc/cpuinfo (macOS, Windows): False, not a crash
+])
+def test_the_amx_probe_reads_the_cpu_flags(monkeypatch, cpuinfo, has_amx):
+    """cpu_has_amx is True exactly when /proc/cpuinfo's flags list amx_bf16."""
     import builtins
+    import io
+
+    def fake_open(*args, **kwargs):
+        if cpuinfo is None:
+            raise OSError("no /proc/cpuinfo")
+        return io.StringIO(cpuinfo)
     fast.cpu_has_amx.cache_clear()
-    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(builtins, "open", fake_open)
     try:
-        assert fast.cpu_has_amx() is False
+        assert fast.cpu_has_amx() is has_amx
     finally:
         monkeypatch.undo()
         fast.cpu_has_amx.cache_clear()
-    assert isinstance(fast.cpu_has_amx(), bool)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
