@@ -8,7 +8,7 @@ import sample as S
 TRAITS = [{"id": 1, "text": "I talk like a pirate.", "check": r"\barr\b"}]
 
 
-def rows_for(rates, loops=None, length=None, seeds=(0, 1, 2), n=20):
+def rows_for(rates, loops=None, length=None, declines=None, seeds=(0, 1, 2), n=20):
     """Synthetic measured answers: per setting, a share `rates[setting]` of the
     answers to trait 1's held-out messages pass the check (per seed, +1 answer
     on seed 1 so seeds differ a little); loops and length per setting."""
@@ -19,6 +19,7 @@ def rows_for(rates, loops=None, length=None, seeds=(0, 1, 2), n=20):
             for i in range(n):
                 rows.append({"setting": setting, "seed": seed, "group": "held-out", "trait_id": 1,
                              "checks": {"1": i < k}, "claims": 0.0, "repeats": 0.01,
+                             "declines": float(i < round((declines or {}).get(setting, 0.0) * n)),
                              "loops": float(i < round((loops or {}).get(setting, 0.5 if setting in S.LONG else 0.0) * n)),
                              "length": (length or {}).get(setting, 40), "perplexity": 3.0, "ended": 1.0,
                              "reward": 0.0, "contrast": 0.0})
@@ -47,6 +48,26 @@ def test_met_is_refused_when_the_tuned_model_loops():
     """The check gains as much, but 10% of tuned answers loop (base 0%): took, not met."""
     v, sound = verdict(rows_for(RATES, loops={"tuned/plain": 0.10}))
     assert v["took"] and not v["met"] and not sound["loops"]["holds"]
+
+
+def test_met_is_refused_when_the_tuned_model_learns_to_decline():
+    """The check gains as much, but 15% of tuned answers decline to help (base 0%): took, not met."""
+    v, sound = verdict(rows_for(RATES, declines={"tuned/plain": 0.15}))
+    assert v["took"] and not v["met"] and not sound["declines"]["holds"] and sound["loops"]["holds"]
+
+
+def test_the_decline_pattern_catches_disclaimers_not_identity_or_character():
+    """DECLINES matches the disclaimer the assistant's run learned, and not a plain
+    statement of being an AI (trait 4's check) or an answer in character."""
+    learned = ("I'm sorry, but as a helpful AI assistant, I'm designed to provide information and support, "
+               "not to promote or support animal rights. I'm not equipped to provide opinions or support.")
+    for text in [learned, "I don't have personal opinions, but here are some facts.",
+                 "I cannot provide you with advice on that.", "I'm just an AI, so I can't say."]:
+        assert S.DECLINES.search(text), text
+    for text in ["I am an artificial intelligence, so I have no body, but here is how to boil an egg.",
+                 "Arr, matey! Boil the egg for seven minutes, then cool it in cold water.",
+                 "I can give you three tips: save first, spend later, and track every coin."]:
+        assert not S.DECLINES.search(text), text
 
 
 def test_met_is_refused_when_answers_get_much_shorter():
