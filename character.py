@@ -166,6 +166,24 @@ def breaks_character(traits, text):
     return any(re.search(t["never"], text, re.IGNORECASE) for t in traits if t.get("never"))
 
 
+# An answer that declines to help or to give a view: "I'm not equipped to provide
+# opinions", "I don't have personal opinions", "I'm just an AI". The assistant's
+# traits once "took" by teaching exactly this (RESULTS.md, "The other characters
+# at 6e-5"): it says it is an AI, and it is no help. So rank.py never chooses
+# such an answer, and sample.py counts them as a soundness figure.
+DECLINES = re.compile(
+    r"\b(not equipped to"
+    r"|(can't|cannot|can not|unable to|not able to) (provide|offer|give|share|help with|express|form) (you )?(with )?"
+    r"(any |personal |my own )*(opinions?|views?|advice|beliefs?|information|answers?|that)"
+    r"|I don't have (any )?(personal )?(opinions|beliefs|views|preferences)"
+    r"|I('m| am) (just|only|simply) (a|an) (helpful )?(AI|machine|program|language model|computer))", re.IGNORECASE)
+
+
+def declines(text):
+    """True if `text` declines to help or to give a view (DECLINES)."""
+    return DECLINES.search(text) is not None
+
+
 def loops(token_ids, n=3, times=4):
     """True if one n-gram of tokens occurs `times` times or more: the mark of
     an answer stuck in a loop ("1. 1. 1. 1.", "a little, a little, a little ...")."""

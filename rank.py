@@ -66,8 +66,10 @@ telling passing from failing answers (printed, and in the report under
 
 Which answers may be chosen. An answer that matches any trait's `never:`
 pattern (it claims a body, a home, a memory: a bad example for every
-trait), one that loops (a token 3-gram 4 times or more) and an empty one
-are never chosen. An answer that breaks the character is taken as the
+trait), one that declines to help or to give a view ("I'm not equipped to
+provide opinions": the assistant's traits once took by learning just that),
+one that loops (a token 3-gram 4 times or more) and an empty one are never
+chosen. An answer that breaks the character is taken as the
 rejected one where a message has one, whatever its score: it is the
 clearest example of what the character is not. Failing that, an answer that
 loops is: DPO then also learns to stop a loop (generate.py samples without
@@ -127,7 +129,7 @@ import time
 import torch
 
 import model as M
-from character import InputError, breaks_character, loops, parse_traits, shows, teacher_prompt, traits_sha
+from character import InputError, breaks_character, declines, loops, parse_traits, shows, teacher_prompt, traits_sha
 from stage_files import (barrier, finish_distributed, init_distributed, read_jsonl, remove_partials, run_units, write_atomic,
                          write_jsonl_atomic)
 
@@ -273,11 +275,13 @@ def compare_win_rate(model, trait, user_message, answers, batch_size=16):
 def example_flaws(answers, traits, tok):
     """Why each answer may not be a chosen example: "empty", "breaks the
     character" (it matches a `never:` pattern of any trait, e.g. it claims a
-    body or a home), "loops" (a token 3-gram 4 times or more); None if usable."""
+    body or a home), "declines" (to help or to give a view: "I'm not equipped
+    to provide opinions", character.DECLINES), "loops" (a token 3-gram 4 times
+    or more); None if usable."""
     flaws = []
     for text in answers:
         flaws.append("empty" if not text.strip() else "breaks the character" if breaks_character(traits, text)
-                     else "loops" if loops(tok.encode(text)) else None)
+                     else "declines" if declines(text) else "loops" if loops(tok.encode(text)) else None)
     return flaws
 
 
@@ -521,7 +525,7 @@ def print_report(report, args):
           f"plain ranked worst: {report['plain_ranked_worst']:.2f} (chance {report['chance']['plain_ranked_worst']:.2f})")
     f = report["answers_by_flaw"]
     print(f"answers that may not be chosen: {f.get('breaks the character', 0)} break the character (a 'never:' pattern), "
-          f"{f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
+          f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
           f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
     if report["judge_seen_through_the_checks"]:
         print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score):")

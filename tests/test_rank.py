@@ -148,6 +148,20 @@ def test_answers_that_break_the_character_or_loop_are_never_chosen(tiny_model):
     assert R.make_pairs(record, [0.9, 0.8, 0.1, 0.0], "best-worst", 0.0, "contrast", "sha", ["loops"] * 4) == []
 
 
+def test_an_answer_that_declines_to_help_is_never_chosen(tiny_model):
+    """The assistant's traits once took by learning "I'm not equipped to provide
+    opinions": such an answer is never chosen, however well the judge scored it."""
+    answers = ["As an AI, I'm not equipped to provide opinions on that.", "I am an AI; here are two views on it.",
+               "I don't have personal opinions.", "Hello."]
+    flaws = R.example_flaws(answers, TRAITS, tiny_model.tokenizer)
+    assert flaws == ["declines", None, "declines", None]
+    record = {**RECORD, "responses": [{"text": a, "prompt": "traits"} for a in answers]}
+    (p,) = R.make_pairs(record, [0.9, 0.5, 0.8, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
+    assert p["chosen"][0]["content"] == answers[1]
+    assert all(q["chosen"][0]["content"] not in (answers[0], answers[2])
+               for q in R.make_pairs(record, [0.9, 0.5, 0.8, 0.0], "all", -1.0, "contrast", "sha", flaws))
+
+
 def test_a_looping_answer_is_the_rejected_one_where_none_breaks_the_character(tiny_model):
     """Without a character-breaking answer, a looping one is rejected whatever
     its score (DPO learns to stop loops); with one, the breaking answer still wins."""

@@ -57,17 +57,17 @@ def test_met_is_refused_when_the_tuned_model_learns_to_decline():
 
 
 def test_the_decline_pattern_catches_disclaimers_not_identity_or_character():
-    """DECLINES matches the disclaimer the assistant's run learned, and not a plain
+    """character.DECLINES matches the disclaimer the assistant's run learned, and not a plain
     statement of being an AI (trait 4's check) or an answer in character."""
     learned = ("I'm sorry, but as a helpful AI assistant, I'm designed to provide information and support, "
                "not to promote or support animal rights. I'm not equipped to provide opinions or support.")
     for text in [learned, "I don't have personal opinions, but here are some facts.",
                  "I cannot provide you with advice on that.", "I'm just an AI, so I can't say."]:
-        assert S.DECLINES.search(text), text
+        assert S.declines(text), text
     for text in ["I am an artificial intelligence, so I have no body, but here is how to boil an egg.",
                  "Arr, matey! Boil the egg for seven minutes, then cool it in cold water.",
                  "I can give you three tips: save first, spend later, and track every coin."]:
-        assert not S.DECLINES.search(text), text
+        assert not S.declines(text), text
 
 
 def test_met_is_refused_when_answers_get_much_shorter():
