@@ -3,9 +3,10 @@
 Every stage needs the same few things about the character, so they live
 here, beside model.py: how the traits file is read, the system prompt the
 teacher answers with (generate.py, rank.py, sample.py), the SHA that ties
-every data file to the traits file it came from, and three readable tests
+every data file to the traits file it came from, and four readable tests
 of an answer: does it show a trait (`check:`), does it break the character
-(`never:`), does it loop.
+(`never:`), does it decline to help (DECLINES, the same for every
+character), does it loop.
 
 The traits file (traits.txt, personas/*.txt). Blocks separated by blank
 lines, one block per trait; "#" starts a comment:

@@ -69,9 +69,9 @@ pattern (it claims a body, a home, a memory: a bad example for every
 trait), one that declines to help or to give a view ("I'm not equipped to
 provide opinions": the assistant's traits once took by learning just that),
 one that loops (a token 3-gram 4 times or more) and an empty one are never
-chosen. An answer that breaks the character is taken as the
-rejected one where a message has one, whatever its score: it is the
-clearest example of what the character is not. Failing that, an answer that
+chosen. An answer that breaks the character is taken as the rejected one
+where a message has one, whatever its score: it is the clearest example of
+what the character is not. Failing that, an answer that
 loops is: DPO then also learns to stop a loop (generate.py samples without
 a repetition penalty, so the teacher's loops show up in the data).
 

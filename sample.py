@@ -295,11 +295,12 @@ def repeated_ngram_share(text, n=3):
 
 def measure(rows, traits, base, reward_model, args):
     """Fill in, for every row: the checks of every trait, claims (a `never:`
-    match), declines (character.DECLINES), loops, repeats and length. For the four main settings, the
-    perplexity of the answer under the base model given the teacher's prompt
-    (coherence as the character sees it). For base/plain and tuned/plain, the
-    training's own view: the reward and the contrast score (teacher prompt vs
-    plain prompt), whose plain pass also gives the plain-prompt perplexity."""
+    match), declines (character.DECLINES), loops, repeats and length. For
+    the four main settings, the perplexity of the answer under the base
+    model given the teacher's prompt (coherence as the character sees it).
+    For base/plain and tuned/plain, the training's own view: the reward and
+    the contrast score (teacher prompt vs plain prompt), whose plain pass also
+    gives the plain-prompt perplexity."""
     import reward_model as RM
     for r in rows:
         r.update(checks={str(t["id"]): shows(t, r["answer"]) for t in traits if t.get("check")},
@@ -678,7 +679,7 @@ def report_lines(result, rows, traits, args):
                 r = same[setting]
                 extra = "" if "drop" not in setting else f" (user added: \"{r['user'][len(r['user_text']):].strip()}\")"
                 marks = [f"shows trait {k}" for k, ok in r["checks"].items() if ok] + (["loops"] if r["loops"] else []) \
-                    + (["claims a human life"] if r["claims"] else []) + (["declines"] if r.get("declines") else [])
+                    + (["claims a human life"] if r["claims"] else []) + (["declines"] if r["declines"] else [])
                 lines.append(f"- **{setting}**{extra} ({', '.join(marks) or 'no check passed'}): "
                              + r["answer"].replace("\n", " ").strip())
         lines.append("")

@@ -11,7 +11,7 @@ TRAITS = [{"id": 1, "text": "I talk like a pirate.", "check": r"\barr\b"}]
 def rows_for(rates, loops=None, length=None, declines=None, seeds=(0, 1, 2), n=20):
     """Synthetic measured answers: per setting, a share `rates[setting]` of the
     answers to trait 1's held-out messages pass the check (per seed, +1 answer
-    on seed 1 so seeds differ a little); loops and length per setting."""
+    on seed 1 so seeds differ a little); loops, length and declines per setting."""
     rows = []
     for setting in S.SETTINGS + S.ROBUSTNESS + S.LONG:
         for seed in (seeds[:1] if setting in S.LONG else seeds):      # long answers: the first seed only
