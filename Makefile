@@ -28,7 +28,8 @@ setup: $(VENV)/.installed
 TRAITS ?= personas/pirate.txt
 # User messages generate.py writes (split over the traits). 200 is enough for the
 # pirate and keeps the demo near 15 minutes; the poet needs 400 to reach 0.8x its
-# ceiling in both pipeline seeds (RESULTS.md): make demo TRAITS=personas/poetic.txt MESSAGES=400
+# ceiling (two pipeline seeds of three; at 200, one of two: RESULTS.md):
+#   make demo TRAITS=personas/poetic.txt MESSAGES=400
 MESSAGES ?= 200
 NAME   := $(basename $(notdir $(TRAITS)))
 DATA   := data/$(NAME)
