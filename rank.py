@@ -71,9 +71,10 @@ provide opinions": the assistant's traits once took by learning just that),
 one that loops (a token 3-gram 4 times or more) and an empty one are never
 chosen. An answer that breaks the character is taken as the rejected one
 where a message has one, whatever its score: it is the clearest example of
-what the character is not. Failing that, an answer that
-loops is: DPO then also learns to stop a loop (generate.py samples without
-a repetition penalty, so the teacher's loops show up in the data).
+what the character is not. Failing that, an answer that loops is: DPO then
+also learns to stop a loop (generate.py samples without a repetition
+penalty, so the teacher's loops show up in the data). A declining answer is
+only kept from being chosen; it is rejected when the judge scores it worst.
 
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"

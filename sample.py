@@ -305,8 +305,7 @@ def measure(rows, traits, base, reward_model, args):
     for r in rows:
         r.update(checks={str(t["id"]): shows(t, r["answer"]) for t in traits if t.get("check")},
                  claims=float(breaks_character(traits, r["answer"])), declines=float(declines(r["answer"])),
-                 loops=float(loops(r["ids"])),
-                 repeats=repeated_ngram_share(r["answer"]), length=len(r["ids"]),
+                 loops=float(loops(r["ids"])), repeats=repeated_ngram_share(r["answer"]), length=len(r["ids"]),
                  ended=float(len(r["ids"]) < r["limit"]))        # stopped before its token limit
     main = [r for r in rows if r["setting"] in SETTINGS]
     teacher = mean_logprobs(base, [r["system"] for r in main], [r["user"] for r in main], [r["answer"] for r in main],

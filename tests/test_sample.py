@@ -4,6 +4,7 @@ seed spread *and* every soundness figure holds."""
 import pytest
 
 import sample as S
+from character import declines
 
 TRAITS = [{"id": 1, "text": "I talk like a pirate.", "check": r"\barr\b"}]
 
@@ -63,11 +64,11 @@ def test_the_decline_pattern_catches_disclaimers_not_identity_or_character():
                "not to promote or support animal rights. I'm not equipped to provide opinions or support.")
     for text in [learned, "I don't have personal opinions, but here are some facts.",
                  "I cannot provide you with advice on that.", "I'm just an AI, so I can't say."]:
-        assert S.declines(text), text
+        assert declines(text), text
     for text in ["I am an artificial intelligence, so I have no body, but here is how to boil an egg.",
                  "Arr, matey! Boil the egg for seven minutes, then cool it in cold water.",
                  "I can give you three tips: save first, spend later, and track every coin."]:
-        assert not S.declines(text), text
+        assert not declines(text), text
 
 
 def test_met_is_refused_when_answers_get_much_shorter():
