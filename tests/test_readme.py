@@ -33,8 +33,25 @@ def load_script(path):
     return module
 
 
+def exercises():
+    """The numbered exercises of README's Exercises section, each as its text."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Exercises\n", 1)[1].split("\n## ", 1)[0]
+    return re.split(r"\n(?=\d+\. \*\*)", section)[1:]
+
+
 def test_the_readme_has_exercises_with_commands():
     assert len(exercise_commands()) >= 5
+
+
+def test_every_exercise_says_what_to_check_and_about_how_long():
+    """At least 6 exercises; each names what to check and about how long it takes."""
+    found = exercises()
+    assert len(found) >= 6
+    for text in found:
+        title = text.splitlines()[0]
+        assert "Check" in text, f"exercise without a check: {title}"
+        assert re.search(r"\((~?\d+ min|as long as the demo)\)", text), f"exercise without a time: {title}"
 
 
 @pytest.mark.parametrize("command", exercise_commands())
