@@ -31,6 +31,11 @@ TRAITS ?= personas/pirate.txt
 # ceiling (two pipeline seeds of three; at 200, one of two: RESULTS.md):
 #   make demo TRAITS=personas/poetic.txt MESSAGES=400
 MESSAGES ?= 200
+# Answers per message (K): K-1 from the teacher, 1 plain. A trait the teacher
+# rarely shows needs more to choose from: the knight's old words took with
+# the best of 8 teacher answers, not of 3 (RESULTS.md; about 4 minutes more):
+#   make demo TRAITS=personas/knight.txt ANSWERS=9
+ANSWERS ?= 4
 NAME   := $(basename $(notdir $(TRAITS)))
 DATA   := data/$(NAME)
 OUT    := out/$(NAME)
@@ -43,7 +48,7 @@ DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo
 SAMPLE =  $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
 
 demo: setup
-	$(PY) generate.py $(GEN) --messages $(MESSAGES)
+	$(PY) generate.py $(GEN) --messages $(MESSAGES) --answers $(ANSWERS)
 	$(PY) rank.py $(RANK)
 	$(PY) reward_model.py $(RM)
 	$(PY) dpo.py $(DPO)

@@ -60,9 +60,12 @@ the right way, not that it reads the trait; compare has no such head start,
 and neither has --against opposite as much (no answer was sampled from the
 opposite prompt). What the judge really sees is measured through each
 trait's `check:` pattern, which the judge never reads: the share of all,
-chosen and rejected answers that pass it, and the AUC of the score for
-telling passing from failing answers (printed, and in the report under
-"judge_seen_through_the_checks").
+chosen and rejected answers that pass it, the AUC of the score for
+telling passing from failing answers, and the most any judge could choose
+(the share of messages with a passing answer that may be chosen); printed,
+and in the report under "judge_seen_through_the_checks". A chosen rate near
+that best means the judge did its part: only more teacher answers raise it
+(`generate.py --answers 9`, the best of 8: RESULTS.md, "Best of 8").
 
 Which answers may be chosen. An answer that matches any trait's `never:`
 pattern (it claims a body, a home, a memory: a bad example for every
@@ -337,12 +340,17 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws, drop_share=0
     return pairs
 
 
-def judge_against_checks(traits, records, all_scores, preferences):
+def judge_against_checks(traits, records, all_scores, preferences, all_flaws):
     """How the judge's choices look through each trait's `check:` pattern (which
     the judge never sees): the share of all answers, of chosen and of
     rejected answers that pass the check, and the AUC of the judge's score
     for telling passing from failing answers (0.5: the judge does not see
-    what the check sees). Per trait, on that trait's messages."""
+    what the check sees). Per trait, on that trait's messages.
+
+    Beside them, the most any judge could choose: the share of the trait's
+    training messages with at least one answer that passes the check and may
+    be chosen (no flaw). A chosen rate near it means the judge is doing its
+    part and only more (or better) teacher answers raise it."""
     out = {}
     for t in traits:
         if not t.get("check"):
@@ -357,6 +365,9 @@ def judge_against_checks(traits, records, all_scores, preferences):
             "check_rate_all": rate([shows(t, a["text"]) for r, _ in own for a in r["responses"]]),
             "check_rate_chosen": rate([shows(t, p["chosen"][0]["content"]) for p in pairs]),
             "check_rate_rejected": rate([shows(t, p["rejected"][0]["content"]) for p in pairs]),
+            "check_rate_best_possible": rate([any(shows(t, a["text"]) and not f for a, f in zip(r["responses"], fl))
+                                              for r, fl in zip(records, all_flaws)
+                                              if r["trait_id"] == t["id"] and r["split"] == "train"]),
             "check_auc": round(sum(beats(a, b) for a in passing for b in failing) / (len(passing) * len(failing)), 4)
             if passing and failing else None}
     return out
@@ -473,9 +484,10 @@ def run(args, model=None):
     if rank != 0:
         return None
 
-    scores_out, preferences, flaw_counts = [], [], {}
+    scores_out, preferences, flaw_counts, all_flaws = [], [], {}, []
     for r, res in zip(records, results):
         flaws = example_flaws([a["text"] for a in r["responses"]], traits, tok)
+        all_flaws.append(flaws)
         for f in flaws:
             flaw_counts[f or "usable"] = flaw_counts.get(f or "usable", 0) + 1
         ranking = sorted(range(k), key=lambda i: -res["scores"][i])
@@ -494,7 +506,7 @@ def run(args, model=None):
               "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
               **sanity_figures(records, [res["scores"] for res in results], k),
               "judge_seen_through_the_checks": judge_against_checks(traits, records, [res["scores"] for res in results],
-                                                                    preferences)}
+                                                                    preferences, all_flaws)}
     if args.judge == "compare":
         all_pairs = [p for res in results for p in res["pairs"]]
         report["order_flip_rate"] = round(sum(p["flip"] for p in all_pairs) / len(all_pairs), 4)
@@ -530,11 +542,12 @@ def print_report(report, args):
           f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
           f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
     if report["judge_seen_through_the_checks"]:
-        print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score):")
+        print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score;"
+              " the most a judge could choose):")
         for tid, c in report["judge_seen_through_the_checks"].items():
             fmt = lambda x: "-" if x is None else f"{x:.2f}"
             print(f"  trait {tid}: {fmt(c['check_rate_all'])} / {fmt(c['check_rate_chosen'])} / {fmt(c['check_rate_rejected'])}"
-                  f"   AUC {fmt(c['check_auc'])}   {c['trait'][:60]}")
+                  f"   AUC {fmt(c['check_auc'])}   best possible {fmt(c['check_rate_best_possible'])}   {c['trait'][:60]}")
     if "order_flip_rate" in report:
         print(f"  compare: verdict flips with the order in {100 * report['order_flip_rate']:.0f}% of pairs; "
               f"mean P(first shown) = {report['first_position_prob']:.3f} (0.5 = no position bias)")

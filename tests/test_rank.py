@@ -189,6 +189,21 @@ def test_sanity_figures_on_known_scores():
     assert figures["auc_pooled"] == pytest.approx(8 / 12, abs=1e-4)
 
 
+def test_the_checks_show_the_most_a_judge_could_choose():
+    """check_rate_best_possible: the share of a trait's train messages with an answer that passes
+    the check and may be chosen; a passing answer that loops does not count, nor does an eval message."""
+    trait = {"id": 1, "text": "I talk like a pirate.", "check": r"\barr\b"}
+    record = lambda split, *texts: {"trait_id": 1, "split": split, "responses": [{"text": t} for t in texts]}
+    records = [record("train", "arr, yes", "no"), record("train", "arr arr arr", "no"), record("train", "no", "nay"),
+               record("eval", "arr", "no")]
+    flaws = [[None, None], ["loops", None], [None, None], [None, None]]
+    pairs = [{"trait": trait["text"], "chosen": [{"content": c}], "rejected": [{"content": "no"}]}
+             for c in ("arr, yes", "no", "nay")]
+    c = R.judge_against_checks([trait], records, [[1, 0]] * 4, pairs, flaws)["1"]
+    assert c["check_rate_best_possible"] == pytest.approx(1 / 3, abs=1e-4)
+    assert c["check_rate_chosen"] == pytest.approx(1 / 3, abs=1e-4) and c["check_rate_rejected"] == 0
+
+
 # ----------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------
