@@ -33,7 +33,8 @@ TRAITS ?= personas/pirate.txt
 MESSAGES ?= 200
 # Answers per message (K): K-1 from the teacher, 1 plain. A trait the teacher
 # rarely shows needs more to choose from: the knight's old words took with
-# the best of 8 teacher answers, not of 3 (RESULTS.md; about 4 minutes more):
+# the best of 8 teacher answers, not of 3, but its answers got shorter than
+# the limit in two seeds of three (RESULTS.md, "Best of 8"; about 4 minutes more):
 #   make demo TRAITS=personas/knight.txt ANSWERS=9
 ANSWERS ?= 4
 NAME   := $(basename $(notdir $(TRAITS)))

@@ -65,7 +65,8 @@ telling passing from failing answers, and the most any judge could choose
 (the share of messages with a passing answer that may be chosen); printed,
 and in the report under "judge_seen_through_the_checks". A chosen rate near
 that best means the judge did its part: only more teacher answers raise it
-(`generate.py --answers 9`, the best of 8: RESULTS.md, "Best of 8").
+(`generate.py --answers 9`, the best of 8; it also shortens the answers
+DPO learns: RESULTS.md, "Best of 8").
 
 Which answers may be chosen. An answer that matches any trait's `never:`
 pattern (it claims a body, a home, a memory: a bad example for every
