@@ -79,6 +79,11 @@ what the character is not. Failing that, an answer that loops is: DPO then
 also learns to stop a loop (generate.py samples without a repetition
 penalty, so the teacher's loops show up in the data). A declining answer is
 only kept from being chosen; it is rejected when the judge scores it worst.
+With --min-length s, neither is an answer with fewer words than s times
+the plain answer to the same message: the judge's score is a mean per
+token, so the best of 8 is often a short answer, and DPO learns from such
+pairs to stop early (RESULTS.md, "Best of 8": the knight's answers 24-32%
+shorter in two seeds of three). Off by default.
 
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
@@ -167,6 +172,9 @@ def build_parser():
     p.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
                    help="best-worst: one pair per message; all: every pair with margin above --min-margin")
     p.add_argument("--min-margin", type=M.number(float), default=0.0, help="keep only pairs whose score difference is above this")
+    p.add_argument("--min-length", type=M.number(float, at_least=0), default=0.0,
+                   help="never choose an answer with fewer words than this share of the plain answer's "
+                        "(0: off; 0.5 keeps the best of 8 from teaching shorter answers: RESULTS.md)")
     p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.5,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
                         "(the chosen answer stays in character; RESULTS.md, 'Robustness')")
@@ -278,16 +286,19 @@ def compare_win_rate(model, trait, user_message, answers, batch_size=16):
 # Pairs and sanity figures
 # ----------------------------------------------------------------------------
 
-def example_flaws(answers, traits, tok):
+def example_flaws(answers, traits, tok, plain_answer=None, min_length=0.0):
     """Why each answer may not be a chosen example: "empty", "breaks the
     character" (it matches a `never:` pattern of any trait, e.g. it claims a
     body or a home), "declines" (to help or to give a view: "I'm not equipped
     to provide opinions", character.DECLINES), "loops" (a token 3-gram 4 times
-    or more); None if usable."""
+    or more), "short" (fewer words than min_length times the plain answer to
+    the same message: chosen, it teaches DPO to stop early); None if usable."""
+    shortest = min_length * len(plain_answer.split()) if plain_answer else 0
     flaws = []
     for text in answers:
         flaws.append("empty" if not text.strip() else "breaks the character" if breaks_character(traits, text)
-                     else "declines" if declines(text) else "loops" if loops(tok.encode(text)) else None)
+                     else "declines" if declines(text) else "loops" if loops(tok.encode(text))
+                     else "short" if len(text.split()) < shortest else None)
     return flaws
 
 
@@ -487,7 +498,8 @@ def run(args, model=None):
 
     scores_out, preferences, flaw_counts, all_flaws = [], [], {}, []
     for r, res in zip(records, results):
-        flaws = example_flaws([a["text"] for a in r["responses"]], traits, tok)
+        plain = next((a["text"] for a in r["responses"] if a["prompt"] == "plain"), None)
+        flaws = example_flaws([a["text"] for a in r["responses"]], traits, tok, plain, args.min_length)
         all_flaws.append(flaws)
         for f in flaws:
             flaw_counts[f or "usable"] = flaw_counts.get(f or "usable", 0) + 1
@@ -504,6 +516,8 @@ def run(args, model=None):
               "pairs_rejecting_a_broken_character": sum(p["rejected_breaks_character"] for p in preferences),
               "pairs_rejecting_a_loop": sum(p.get("rejected_loops", False) for p in preferences),
               "pairs_with_a_drop_instruction": sum(p["drop_instruction"] is not None for p in preferences),
+              "mean_words_chosen_rejected": [round(sum(len(p[side][0]["content"].split()) for p in preferences)
+                                                   / max(1, len(preferences)), 1) for side in ("chosen", "rejected")],
               "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
               **sanity_figures(records, [res["scores"] for res in results], k),
               "judge_seen_through_the_checks": judge_against_checks(traits, records, [res["scores"] for res in results],
@@ -542,6 +556,9 @@ def print_report(report, args):
     print(f"answers that may not be chosen: {f.get('breaks the character', 0)} break the character (a 'never:' pattern), "
           f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
           f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
+    w = report["mean_words_chosen_rejected"]
+    print(f"{f.get('short', 0)} answers too short to choose (--min-length); mean words, chosen / rejected: "
+          f"{w[0]:.0f} / {w[1]:.0f} (chosen much shorter: DPO learns to stop early)")
     if report["judge_seen_through_the_checks"]:
         print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score;"
               " the most a judge could choose):")

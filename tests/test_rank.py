@@ -177,6 +177,20 @@ def test_a_looping_answer_is_the_rejected_one_where_none_breaks_the_character(ti
     assert p["rejected"][0]["content"] == answers[3] and p["rejected_breaks_character"] and not p["rejected_loops"]
 
 
+def test_an_answer_much_shorter_than_the_plain_one_is_never_chosen(tiny_model):
+    """--min-length: an answer with fewer words than that share of the plain
+    answer's is never chosen (the best of 8 by a mean per-token score is often
+    a short one, and DPO then learns to stop early); off (0) by default."""
+    plain = "Start with the date, then write what happened today and how it made you feel, in a few lines."
+    answers = ["Thee, a diary.", "A good way to start a diary, my lord, is with the date and the day's deeds.", plain]
+    assert R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain) == [None, None, None]
+    flaws = R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain, min_length=0.5)
+    assert flaws == ["short", None, None]                    # 3 words < 0.5 x 19; 17 words are enough
+    record = {**RECORD, "responses": [{"text": a, "prompt": "traits"} for a in answers[:2]] + [{"text": plain, "prompt": "plain"}]}
+    (p,) = R.make_pairs(record, [0.9, 0.5, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
+    assert p["chosen"][0]["content"] == answers[1] and p["rejected"][0]["content"] == plain
+
+
 def test_sanity_figures_on_known_scores():
     """prompted-beats-plain per trait and overall, plain-ranked-worst and the pooled AUC, on hand-made scores."""
     other = dict(RECORD, trait_id=2, trait="I am brief.")
