@@ -35,8 +35,8 @@ MESSAGES ?= 200
 # rarely shows needs more to choose from: the knight's old words took with
 # the best of 8 teacher answers, not of 3, but its answers got shorter than
 # the limit in two seeds of three; with `rank.py --min-length 0.5` all three
-# stay sound, but the old words fall to 0.29-0.42x (RESULTS.md, "Best of 8";
-# about 4 minutes more):
+# stay sound, but the old words fall to 0.29-0.42x; with `rank.py --score sum`
+# one seed of two is met (RESULTS.md, "Best of 8"; about 4 minutes more):
 #   make demo TRAITS=personas/knight.txt ANSWERS=9
 ANSWERS ?= 4
 NAME   := $(basename $(notdir $(TRAITS)))

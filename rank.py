@@ -18,7 +18,10 @@ Two judges (--judge):
 
       A log-likelihood ratio: positive when the answer is "more in character
       than usual". It needs no instruction following, so it works at any
-      scale. With --against opposite the second prompt holds the *opposite*
+      scale. The mean favours a short answer with one in-character turn of
+      phrase; with --score sum (the sum over a_1..a_T, no 1/T) a longer
+      answer that stays in character scores more (RESULTS.md, "Keeping the
+      best of 8 from shortening the answers"). With --against opposite the second prompt holds the *opposite*
       trait instead of the plain one (as in RLCD, Yang et al. 2023): the
       ratio then measures "in character rather than out of character". The
       opposite traits are written by hand in the traits file, one
@@ -79,11 +82,13 @@ what the character is not. Failing that, an answer that loops is: DPO then
 also learns to stop a loop (generate.py samples without a repetition
 penalty, so the teacher's loops show up in the data). A declining answer is
 only kept from being chosen; it is rejected when the judge scores it worst.
-With --min-length s, neither is an answer with fewer words than s times
-the plain answer to the same message: the judge's score is a mean per
-token, so the best of 8 is often a short answer, and DPO learns from such
-pairs to stop early (RESULTS.md, "Best of 8": the knight's answers 24-32%
-shorter in two seeds of three). Off by default.
+With --min-length s, an answer with fewer words than s times the plain
+answer to the same message is not chosen either. The judge's score is a
+mean per token, so the best of 8 is often a short answer, and DPO learns
+from such pairs to stop early: the knight's answers came out 24-32%
+shorter in two seeds of three; with s = 0.5 all three kept their length,
+but its old words took less (RESULTS.md, "Keeping the best of 8 from
+shortening the answers"). Off by default.
 
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
@@ -169,6 +174,8 @@ def build_parser():
                    help="contrast: log-likelihood ratio traits vs plain prompt; compare: (A) or (B), both orders")
     p.add_argument("--against", default="plain", choices=["plain", "opposite"],
                    help="contrast only: the prompt to contrast with, the plain default one or the opposite trait (RLCD)")
+    p.add_argument("--score", default="mean", choices=["mean", "sum"],
+                   help="contrast only: the log-likelihood ratio per answer token (mean) or over the whole answer (sum)")
     p.add_argument("--pairs", default="best-worst", choices=["best-worst", "all"],
                    help="best-worst: one pair per message; all: every pair with margin above --min-margin")
     p.add_argument("--min-margin", type=M.number(float), default=0.0, help="keep only pairs whose score difference is above this")
@@ -187,8 +194,9 @@ def build_parser():
 # Judge 1: contrast
 # ----------------------------------------------------------------------------
 
-def contrast_scores(model, traits_system, user_messages, answers, against_system=None, batch_size=16):
-    """Mean per-token log-likelihood ratio of each answer, traits prompt vs `against_system`.
+def contrast_scores(model, traits_system, user_messages, answers, against_system=None, batch_size=16, total=False):
+    """Mean per-token log-likelihood ratio of each answer, traits prompt vs `against_system`
+    (total=True: summed over the answer's tokens, which does not favour short answers).
 
     traits_system: one system prompt for all, or a list (one per answer).
     user_messages, answers: lists of strings of the same length.
@@ -207,9 +215,10 @@ def contrast_scores(model, traits_system, user_messages, answers, against_system
     with_traits = [conversation(s, u, a) for s, u, a in zip(systems, user_messages, answers)]
     with_against = [conversation(s, u, a) for s, u, a in zip(againsts, user_messages, answers)]
     # Both conversations end with the same answer tokens, so the means run over the same tokens.
-    _, mean_traits = M.answer_logprobs(model, [s for s, _ in with_traits], [m for _, m in with_traits], batch_size)
-    _, mean_against = M.answer_logprobs(model, [s for s, _ in with_against], [m for _, m in with_against], batch_size)
-    return [a - b for a, b in zip(mean_traits, mean_against)]
+    pick = 0 if total else 1                       # answer_logprobs returns (sums, means)
+    with_t = M.answer_logprobs(model, [s for s, _ in with_traits], [m for _, m in with_traits], batch_size)[pick]
+    with_a = M.answer_logprobs(model, [s for s, _ in with_against], [m for _, m in with_against], batch_size)[pick]
+    return [a - b for a, b in zip(with_t, with_a)]
 
 
 # ----------------------------------------------------------------------------
@@ -476,7 +485,7 @@ def run(args, model=None):
                     againsts.append(against)
                     users.append(r["text"])
                     answers.append(a["text"])
-            flat = contrast_scores(model, systems, users, answers, againsts, args.batch_size)
+            flat = contrast_scores(model, systems, users, answers, againsts, args.batch_size, args.score == "sum")
             for j, r in enumerate(units[i]):
                 results.append({"scores": [round(s, 6) for s in flat[j * k:(j + 1) * k]]})
         else:
@@ -489,6 +498,8 @@ def run(args, model=None):
         responses_sha = hashlib.sha256(f.read()).hexdigest()
     header = {"step": "rank", "judge": judge, "model": args.model or "embedded", "device": device.type,
               "dtype": str(model.embed_tokens.weight.dtype), "batch_size": args.batch_size, "responses_sha": responses_sha}
+    if args.score == "sum":
+        header["score"] = "sum"
     if judge == "contrast-opposite":
         header["opposites"] = [by_id[tid]["opposite"] for tid in sorted(by_id)]
     results = [x for unit in run_units(len(units), do_unit, args.scores, header, rank, world, f"rank ({judge})", PROG) for x in unit]
@@ -511,7 +522,7 @@ def run(args, model=None):
         if r["split"] == "train":             # eval messages never become training data
             preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha, flaws,
                                           args.drop_share))
-    report = {"judge": judge, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
+    report = {"judge": judge, "score": args.score, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
               "pairs": len(preferences), "answers_by_flaw": flaw_counts,
               "pairs_rejecting_a_broken_character": sum(p["rejected_breaks_character"] for p in preferences),
               "pairs_rejecting_a_loop": sum(p.get("rejected_loops", False) for p in preferences),

@@ -80,7 +80,8 @@ def test_contrast_judge_prefers_the_in_character_answer(real_model):
 
 
 def test_contrast_is_the_mean_log_likelihood_ratio(tiny_model):
-    """contrast = mean over answer tokens of log p(a | traits) - log p(a | plain), computed from model.py's log-probs."""
+    """contrast = mean over answer tokens of log p(a | traits) - log p(a | plain), computed from model.py's log-probs
+    (with total=True, the sum)."""
     import model as M
     tok = tiny_model.tokenizer
     system, user, answer = "You are a pirate.", "Hello?", "Arr, hello there matey."
@@ -91,6 +92,8 @@ def test_contrast_is_the_mean_log_likelihood_ratio(tiny_model):
     n = sum(mask_t[1:])                     # scored tokens: the answer and its end-of-turn token
     expected = (sums[0] - sums[1]) / n
     assert R.contrast_scores(tiny_model, system, [user], [answer])[0] == pytest.approx(expected, abs=1e-4)
+    # --score sum: the same ratio summed over the answer, n times the mean, so a long answer is not penalised
+    assert R.contrast_scores(tiny_model, system, [user], [answer], total=True)[0] == pytest.approx(n * expected, abs=1e-3)
 
 
 def test_compare_cancels_position_bias(tiny_model):
