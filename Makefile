@@ -36,7 +36,7 @@ MESSAGES ?= 200
 # the best of 8 teacher answers, not of 3, but its answers got shorter than
 # the limit in two seeds of three; with `rank.py --min-length 0.5` all three
 # stay sound, but the old words fall to 0.29-0.42x; with `rank.py --score sum`
-# one seed of two is met (RESULTS.md, "Best of 8"; about 4 minutes more):
+# one seed of three is met (RESULTS.md, "Best of 8"; about 4 minutes more):
 #   make demo TRAITS=personas/knight.txt ANSWERS=9
 ANSWERS ?= 4
 NAME   := $(basename $(notdir $(TRAITS)))
