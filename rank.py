@@ -21,9 +21,10 @@ Two judges (--judge):
       scale. The mean favours a short answer with one in-character turn of
       phrase; with --score sum (the sum over a_1..a_T, no 1/T) a longer
       answer that stays in character scores more (RESULTS.md, "Keeping the
-      best of 8 from shortening the answers"). With --against opposite the second prompt holds the *opposite*
-      trait instead of the plain one (as in RLCD, Yang et al. 2023): the
-      ratio then measures "in character rather than out of character". The
+      best of 8 from shortening the answers"). With --against opposite the
+      second prompt holds the *opposite* trait instead of the plain one (as
+      in RLCD, Yang et al. 2023): the ratio then measures "in character
+      rather than out of character". The
       opposite traits are written by hand in the traits file, one
       "opposite: ..." line per trait (see traits.txt).
 
@@ -83,8 +84,8 @@ also learns to stop a loop (generate.py samples without a repetition
 penalty, so the teacher's loops show up in the data). A declining answer is
 only kept from being chosen; it is rejected when the judge scores it worst.
 With --min-length s, an answer with fewer words than s times the plain
-answer to the same message is not chosen either. The judge's score is a
-mean per token, so the best of 8 is often a short answer, and DPO learns
+answer to the same message is not chosen either. The judge's score is by
+default a mean per token, so the best of 8 is often a short answer, and DPO learns
 from such pairs to stop early: the knight's answers came out 24-32%
 shorter in two seeds of three; with s = 0.5 all three kept their length,
 but its old words took less (RESULTS.md, "Keeping the best of 8 from
@@ -214,7 +215,7 @@ def contrast_scores(model, traits_system, user_messages, answers, against_system
 
     with_traits = [conversation(s, u, a) for s, u, a in zip(systems, user_messages, answers)]
     with_against = [conversation(s, u, a) for s, u, a in zip(againsts, user_messages, answers)]
-    # Both conversations end with the same answer tokens, so the means run over the same tokens.
+    # Both conversations end with the same answer tokens, so the means (or sums) run over the same tokens.
     pick = 0 if total else 1                       # answer_logprobs returns (sums, means)
     with_t = M.answer_logprobs(model, [s for s, _ in with_traits], [m for _, m in with_traits], batch_size)[pick]
     with_a = M.answer_logprobs(model, [s for s, _ in with_against], [m for _, m in with_against], batch_size)[pick]
