@@ -39,15 +39,20 @@ MESSAGES ?= 200
 # one seed of three is met (RESULTS.md, "Best of 8"; about 4 minutes more):
 #   make demo TRAITS=personas/knight.txt ANSWERS=9
 ANSWERS ?= 4
-NAME   := $(basename $(notdir $(TRAITS)))
+# The pipeline seed (--seed of generate.py, reward_model.py and dpo.py): a verdict
+# holds only if it holds in more than one. Seed N > 0 runs in folders of its own:
+#   make demo SEED=1              -> data/pirate-seed1/, out/pirate-seed1/
+SEED   ?= 0
+NAME   := $(basename $(notdir $(TRAITS)))$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 DATA   := data/$(NAME)
 OUT    := out/$(NAME)
 FILES  := --traits $(TRAITS)
-GEN    =  $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json
+GEN    =  $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json \
+          --seed $(SEED)
 RANK   =  $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.jsonl \
           --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json
-RM     =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model
-DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo
+RM     =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model --seed $(SEED)
+DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo --seed $(SEED)
 SAMPLE =  $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
 
 demo: setup

@@ -2,15 +2,26 @@
 ranking chose, with the plain default system prompt: the character is
 trained in, not prompted in.
 
-Direct Preference Optimization (Rafailov et al. 2023). For a prompt x, a
-chosen answer y_w and a rejected answer y_l, with log pi(y|x) the summed
-log-probability of the answer tokens under the model being trained (the
-policy) and log ref(y|x) the same under the frozen starting model:
+Reads:  data/preferences.jsonl (from rank.py): one pair per line,
+          {"id", "query_id", "prompt": [user message], "chosen": [assistant message],
+           "rejected": [assistant message], "trait", "score_chosen", "score_rejected",
+           "margin", "judge", "traits_sha"}
+Writes: out/dpo/  a Hugging Face folder (config.json, model.safetensors,
+          tokenizer.json, tokenizer_config.json) that model.py and transformers
+          load; metrics.jsonl (every logged step); training.json (settings,
+          held-out results, time, peak memory); reference_logprobs.json;
+          with --export-gguf also model.gguf (llama.cpp-based tools load it).
+        While it runs: out/dpo/checkpoint/ (removed when it finishes).
 
-    h    = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
+Direct Preference Optimization (Rafailov et al. 2023). For a prompt x, a
+chosen answer y_c and a rejected answer y_r, with log pi(y|x) the summed
+log-probability of the answer tokens under the model being trained (the
+policy) and log pi_ref(y|x) the same under the frozen starting model:
+
+    h    = (log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))
     loss = -log sigmoid(beta * h)
 
-beta * (log pi(y|x) - log ref(y|x)) is the answer's implicit reward; the loss
+beta * (log pi(y|x) - log pi_ref(y|x)) is the answer's implicit reward; the loss
 is the Bradley-Terry loss on it, so minimising it fits a reward model and the
 policy that is optimal for it (under a KL penalty of strength beta) at once,
 without sampling. At step 0 the policy is the reference, h = 0 and the loss
@@ -21,7 +32,7 @@ Options (--loss-type, --label-smoothing, --nll-weight):
       loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
 - IPO (Azar et al. 2023), a squared loss that does not push h to infinity;
   as in TRL, on the per-token mean log-probabilities:  loss = (h - 1/(2 beta))^2
-- an NLL term on the chosen answer (as in RPO): + w * (-log pi(y_w|x) / |y_w|);
+- an NLL term on the chosen answer (as in RPO): + w * (-log pi(y_c|x) / |y_c|);
   w = 0.1 by default: it keeps the chosen answers likely (RESULTS.md,
   "Recipes tried"); what stopped the loops was rejecting looping answers
   in rank.py (RESULTS.md, "Loops");
@@ -41,25 +52,16 @@ Implementation:
 - The top --train-layers blocks train; the rest (and the embedding, tied to
   the output layer) stay frozen and cost only their forward pass.
 
-Logged (per pair, means over the log window): loss; accuracy (the share of
-pairs whose chosen implicit reward beats the rejected one); margin (chosen
-minus rejected implicit reward); chosen_reward, rejected_reward; logp_chosen,
-logp_rejected (policy, summed over the answer); kl, an estimate of
-KL(pi || ref) per answer: the mean of log pi(y|x) - log ref(y|x) over the
-chosen and rejected answers. (An exact estimate needs answers sampled from
+Logged (per pair, means over the log window): loss (what is minimised);
+dpo_loss (its DPO part, ln 2 at step 0) and nll_chosen (-log pi(y_c|x) / |y_c|,
+the NLL term before its weight); accuracy (the share of pairs whose chosen
+implicit reward beats the rejected one); margin (chosen minus rejected
+implicit reward); chosen_reward, rejected_reward; logp_chosen, logp_rejected
+(policy, summed over the answer); kl, an estimate of KL(pi || pi_ref) per
+answer: the mean of log pi(y|x) - log pi_ref(y|x) over the chosen and
+rejected answers. (An exact estimate needs answers sampled from
 pi; on the fixed preference answers it is only indicative, and it goes
 negative when the policy makes the rejected answers much less likely.)
-
-Reads:  data/preferences.jsonl (from rank.py): one pair per line,
-          {"id", "query_id", "prompt": [user message], "chosen": [assistant message],
-           "rejected": [assistant message], "trait", "score_chosen", "score_rejected",
-           "margin", "judge", "traits_sha"}
-Writes: out/dpo/  a Hugging Face folder (config.json, model.safetensors,
-          tokenizer.json, tokenizer_config.json) that model.py and transformers
-          load; metrics.jsonl (every logged step); training.json (settings,
-          held-out results, time, peak memory); reference_logprobs.json;
-          with --export-gguf also model.gguf (llama.cpp-based tools load it).
-        While it runs: out/dpo/checkpoint/ (removed when it finishes).
 
 Run it:
     python dpo.py                                   # the embedded model, data/preferences.jsonl
@@ -97,7 +99,7 @@ SMOKE = dict(max_pairs=6, max_steps=2, batch_size=2, micro_batch=2, max_length=1
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0, loss_type="sigmoid"):
     """Per-pair DPO loss (see the top of the file) and the implicit rewards
-    beta * (log pi - log ref) of the chosen and rejected answers. All inputs
+    beta * (log pi - log pi_ref) of the chosen and rejected answers. All inputs
     are (n,) tensors of answer log-probabilities."""
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
@@ -139,7 +141,7 @@ def data_fingerprint(examples, model_path, max_length):
 
 
 def reference_logprobs(model, examples, d, dtype, batch_size, cache_path, fingerprint):
-    """log ref(y_w|x) and log ref(y_l|x) for every example, computed once with
+    """log pi_ref(y_c|x) and log pi_ref(y_r|x) for every example, computed once with
     the starting model, before any update (cached in cache_path). With several
     processes each computes a share and the shares are summed across them."""
     if os.path.exists(cache_path):

@@ -2,7 +2,22 @@
 
 The character is a list of traits in the first person (`traits.txt`), each
 with a few seed user messages. This stage makes the data that the rest of the
-pipeline learns from:
+pipeline learns from.
+
+Reads:  traits.txt (its format: character.py).
+Writes: data/queries.jsonl    one user message per line, each trait's in turn, then the eval top-up:
+          {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
+           "split": "train"|"eval", "traits_sha"}
+        data/responses.jsonl  one message per line (all but the eval top-up), with its K answers:
+          {"query_id", "trait_id", "trait", "split", "text", "system",
+           "responses": [{"text", "prompt": "traits"|"plain", "truncated", "n_tokens"}, ...],
+           "traits_sha"}
+        data/generate_report.json   what the filters dropped, timings.
+
+`traits_sha` (character.py) ties every record to the traits file it came
+from, so a later stage can refuse data made from another one.
+
+It works in two steps:
 
 1. Messages. For each trait the model writes new user messages that would
    bring the trait out. A small model asked to "write a question that tests
@@ -58,19 +73,6 @@ pipeline learns from:
    give the character shortened its answers past the length limit or, held
    gentler, looped (RESULTS.md, "Longer teacher answers"). At 96 the
    stop it learns lies past the measure's limit.
-
-Reads:  traits.txt (its format: character.py).
-Writes: data/queries.jsonl    one user message per line, each trait's in turn, then the eval top-up:
-          {"id": "t1-q007", "trait_id": 1, "trait", "text", "source": "seed"|"generated",
-           "split": "train"|"eval", "traits_sha"}
-        data/responses.jsonl  one message per line (all but the eval top-up), with its K answers:
-          {"query_id", "trait_id", "trait", "split", "text", "system",
-           "responses": [{"text", "prompt": "traits"|"plain", "truncated", "n_tokens"}, ...],
-           "traits_sha"}
-        data/generate_report.json   what the filters dropped, timings.
-
-`traits_sha` (character.py) ties every record to the traits file it came
-from, so a later stage can refuse data made from another one.
 
 Resuming. The work is cut into units (fixed batches in a fixed order, each
 sampled with a seed made from --seed and the unit's index), so the result

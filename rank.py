@@ -6,6 +6,17 @@ Here the same model scores every answer by how well it shows the trait, and
 the best and worst answer of each message become a preference pair
 (chosen, rejected) for the reward model and DPO. No human labels anywhere.
 
+Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
+Writes: data/scores.jsonl       every answer's score, one message per line
+        data/preferences.jsonl  one pair per line, train split only:
+          {"id": "t1-q007-2-0", "query_id", "trait", "prompt": [{"role": "user", ...}],
+           "chosen": [{"role": "assistant", ...}], "rejected": [...], "score_chosen",
+           "score_rejected", "margin", "rejected_breaks_character", "rejected_loops", "drop_instruction",
+           "judge", "traits_sha"}
+          (no system message in the prompt: DPO trains the model to show the
+          character with its plain default system prompt)
+        data/rank_report.json   the sanity figures and one ranked example.
+
 Two judges (--judge):
 
   contrast (default): how much more likely the answer is when the model has
@@ -106,17 +117,6 @@ figure (without, seed 1 failed perplexity: 1.253x against 1.25x; with,
 under sample.py's instructions rose in seed 0 (50% -> 65%), not in seed 1
 (48% -> 49%). Hence the default. With today's DPO (lr 6e-5) the tuned
 pirate keeps 85-97% in three pipeline seeds (AMX Xeon; target 80%).
-
-Reads:  traits.txt, data/responses.jsonl (from generate.py, same traits file).
-Writes: data/scores.jsonl       every answer's score, one message per line
-        data/preferences.jsonl  one pair per line, train split only:
-          {"id": "t1-q007-2-0", "query_id", "trait", "prompt": [{"role": "user", ...}],
-           "chosen": [{"role": "assistant", ...}], "rejected": [...], "score_chosen",
-           "score_rejected", "margin", "rejected_breaks_character", "rejected_loops", "drop_instruction",
-           "judge", "traits_sha"}
-          (no system message in the prompt: DPO trains the model to show the
-          character with its plain default system prompt)
-        data/rank_report.json   the sanity figures and one ranked example.
 
 Pairs (--pairs): best-worst (default) gives one pair per message, the best
 usable answer against the worst (or against one that breaks the character);

@@ -8,9 +8,9 @@ answer):
     r(x, y) = w . h_last(x, y)          w: (width,), initialised to 0
 
 It is trained with the Bradley-Terry model of preferences,
-P(y_w preferred to y_l | x) = sigmoid(r(x, y_w) - r(x, y_l)), by minimising
+P(y_c preferred to y_r | x) = sigmoid(r(x, y_c) - r(x, y_r)), by minimising
 
-    loss = -log sigmoid(r(x, y_w) - r(x, y_l) - m)
+    loss = -log sigmoid(r(x, y_c) - r(x, y_r) - m)
 
 where m = 0, or with --margin-weight a > 0, m = a * (the judge's score
 difference): pairs the judge found clear must be separated by more (the

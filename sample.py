@@ -579,7 +579,8 @@ def training_curves_svg(dpo_log, reward_log):
         series = [(name, curve(log, key), curve(log, key, True)) for name, key in keys]
         return lambda left, top: line_panel(title, series, left, top)
 
-    return svg_grid([panel("DPO loss", dpo_log, [("loss", "loss")]),
+    # "loss" is what dpo.py minimises (DPO plus the NLL term); "dpo_loss" the DPO part alone, ln 2 at step 0
+    return svg_grid([panel("DPO loss: total, DPO part", dpo_log, [("total", "loss"), ("DPO part", "dpo_loss")]),
                      panel("DPO margin beta*h", dpo_log, [("margin", "margin")]),
                      panel("log p(answer): chosen, rejected", dpo_log, [("chosen", "logp_chosen"), ("rejected", "logp_rejected")]),
                      panel("KL to the reference, per answer", dpo_log, [("KL", "kl")]),
@@ -686,7 +687,9 @@ def report_lines(result, rows, traits, args):
               f"Reward model ({args.reward_model}/metrics.jsonl):", "",
               curve_summary(os.path.join(args.reward_model, "metrics.jsonl"), ["loss", "accuracy"]), "",
               f"DPO ({args.tuned}/metrics.jsonl):", "",
-              curve_summary(os.path.join(args.tuned, "metrics.jsonl"), ["loss", "accuracy", "margin", "kl"]), ""]
+              curve_summary(os.path.join(args.tuned, "metrics.jsonl"), ["loss", "dpo_loss", "accuracy", "margin", "kl"]), "",
+              "(`loss` = `dpo_loss` + w x `nll_chosen`, w the `--nll-weight` in training.json; "
+              "`dpo_loss` is ln 2 = 0.693 at step 0.)", ""]
     return lines
 
 

@@ -1,6 +1,10 @@
 """The training loop shared by reward_model.py (stage 4) and dpo.py (stage 5),
 written by hand in plain PyTorch, plus the preference data both stages read.
 
+Reads:  data/preferences.jsonl for both stages (read_preferences, below).
+Writes: <out>/metrics.jsonl (a line per logged step; the held-out evaluations
+        as lines with "heldout") and, while it runs, <out>/checkpoint/.
+
 A stage gives the loop a model, a list of examples and a loss function; the
 loop does everything else:
 

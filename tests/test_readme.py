@@ -1,6 +1,6 @@
 """The README's exercises are commands a student types: every one of them
-must parse with the stage's own argument parser, and read files that exist
-(or that the demo writes)."""
+must parse (a stage's own argument parser, a Makefile target, a test that
+exists), and read files that exist (or that the demo or the exercise makes)."""
 import importlib.util
 import os
 import re
@@ -11,16 +11,28 @@ import pytest
 from conftest import ROOT
 
 
-def exercise_commands():
-    """Every `python ...` command in the fenced blocks of README's Exercises section (continuation lines joined)."""
+def exercises():
+    """The numbered exercises of README's Exercises section, each as its text."""
     text = open(os.path.join(ROOT, "README.md")).read()
     section = text.split("## Exercises\n", 1)[1].split("\n## ", 1)[0]
+    return re.split(r"\n(?=\d+\. \*\*)", section)[1:]
+
+
+def commands_in(text):
+    """The commands of one exercise: `python ...` lines of its fenced blocks (continuation
+    lines joined), and `python ...` / `make ...` written inline in backticks."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             if line.strip().startswith("python "):
                 commands.append(line.strip())
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [" ".join(c.split()) for c in re.findall(r"`((?:python|make) [^`]+)`", prose)]
     return commands
+
+
+def exercise_commands():
+    return [c for text in exercises() for c in commands_in(text)]
 
 
 INPUTS = {"rank.py": ["responses"], "dpo.py": ["preferences"], "sample.py": ["queries", "reward_model"]}
@@ -33,15 +45,9 @@ def load_script(path):
     return module
 
 
-def exercises():
-    """The numbered exercises of README's Exercises section, each as its text."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    section = text.split("## Exercises\n", 1)[1].split("\n## ", 1)[0]
-    return re.split(r"\n(?=\d+\. \*\*)", section)[1:]
-
-
-def test_the_readme_has_exercises_with_commands():
-    assert len(exercise_commands()) >= 5
+def test_every_exercise_has_a_command():
+    for text in exercises():
+        assert commands_in(text), f"exercise without a command: {text.splitlines()[0]}"
 
 
 def test_every_exercise_says_what_to_check_and_about_how_long():
@@ -54,7 +60,32 @@ def test_every_exercise_says_what_to_check_and_about_how_long():
         assert re.search(r"\((~?\d+ min|as long as the demo)\)", text), f"exercise without a time: {title}"
 
 
-@pytest.mark.parametrize("command", exercise_commands())
+@pytest.mark.parametrize("command", [c for c in exercise_commands() if c.startswith("make ")])
+def test_every_make_command_of_the_exercises_names_a_target_and_a_traits_file(command):
+    words = shlex.split(command)
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    targets = re.findall(r"^([a-z]+):", makefile, flags=re.M)
+    variables = re.findall(r"^([A-Z]+) +\?=", makefile, flags=re.M)            # those a command line may set
+    assert words[1] in targets, f"{command}: no Makefile target {words[1]}"
+    for word in words[2:]:
+        name, _, value = word.partition("=")
+        assert name in variables, f"{command}: the Makefile has no variable {name}"
+        # a traits file the student writes in the exercise (personas/mine.txt) is named there as "to <file>"
+        if name == "TRAITS" and not os.path.exists(os.path.join(ROOT, value)):
+            told = any(f"to `{value}`" in " ".join(text.split()) for text in exercises())
+            assert told, f"{command}: no traits file {value}"
+
+
+@pytest.mark.parametrize("command", [c for c in exercise_commands() if c.startswith("python -m pytest")])
+def test_every_test_an_exercise_runs_exists(command):
+    for target in shlex.split(command)[3:]:
+        path, _, name = target.partition("::")
+        assert os.path.exists(os.path.join(ROOT, path)), f"{command}: no test file {path}"
+        if name:
+            assert f"def {name}(" in open(os.path.join(ROOT, path)).read(), f"{command}: no test {name}"
+
+
+@pytest.mark.parametrize("command", [c for c in exercise_commands() if not c.startswith(("make ", "python -m"))])
 def test_every_exercise_command_parses(command):
     words = shlex.split(command)
     script = os.path.join(ROOT, words[1])

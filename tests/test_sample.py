@@ -144,17 +144,18 @@ def svg_elements(svg, tag):
 def test_the_training_curves_picture_has_every_logged_step_to_scale():
     """The DPO loss panel draws one point per logged step, lower loss lower on
     the page (SVG's y grows downwards), and each held-out evaluation as a dot."""
-    dpo_log = [{"step": i, "loss": 1.0 / i, "margin": 0.1 * i, "logp_chosen": -50.0, "logp_rejected": -60.0 - i,
-                "kl": 0.01 * i} for i in range(1, 11)]
-    dpo_log.append({"step": 10, "heldout": {"loss": 0.5, "margin": 0.4, "logp_chosen": -55.0, "logp_rejected": -62.0, "kl": 0.1}})
+    dpo_log = [{"step": i, "loss": 1.0 / i, "dpo_loss": 0.9 / i, "margin": 0.1 * i, "logp_chosen": -50.0,
+                "logp_rejected": -60.0 - i, "kl": 0.01 * i} for i in range(1, 11)]
+    dpo_log.append({"step": 10, "heldout": {"loss": 0.5, "dpo_loss": 0.45, "margin": 0.4, "logp_chosen": -55.0,
+                                            "logp_rejected": -62.0, "kl": 0.1}})
     reward_log = [{"step": i, "loss": 0.7 - 0.01 * i, "accuracy": 0.5} for i in range(1, 6)]
     svg = S.training_curves_svg(dpo_log, reward_log)
     lines = list(svg_elements(svg, "polyline"))
-    assert len(lines) == 7             # loss, margin, chosen, rejected, KL (DPO); loss, accuracy (reward model)
+    assert len(lines) == 8             # loss, its DPO part, margin, chosen, rejected, KL (DPO); loss, accuracy (reward model)
     ys = [float(p.split(",")[1]) for p in lines[0].get("points").split()]
     assert len(ys) == 10 and all(a < b for a, b in zip(ys, ys[1:]))
     dots = list(svg_elements(svg, "circle"))
-    assert len(dots) == 5              # the one held-out evaluation of each DPO series; the reward model logged none
+    assert len(dots) == 6              # the one held-out evaluation of each DPO series; the reward model logged none
     assert ys[0] < float(dots[0].get("cy")) < ys[-1]                       # held-out loss 0.5 lies between 1 and 0.1
 
 
