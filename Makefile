@@ -27,8 +27,9 @@ setup: $(VENV)/.installed
 # (RESULTS.md); the assistant's traits are subtler and mostly do not.
 TRAITS ?= personas/pirate.txt
 # User messages generate.py writes (split over the traits). 200 is enough for the
-# pirate and keeps the demo near 15 minutes; the poet needs 400 to reach 0.8x its
-# ceiling (two pipeline seeds of three; at 200, one of two: RESULTS.md):
+# pirate and keeps the demo near 15 minutes with bf16 units (50 on an AVX2-only
+# CPU); the poet needs 400 to reach 0.8x its ceiling (two pipeline seeds of
+# three; at 200, one of two: RESULTS.md):
 #   make demo TRAITS=personas/poetic.txt MESSAGES=400
 MESSAGES ?= 200
 # Answers per message (K): K-1 from the teacher, 1 plain. A trait the teacher
