@@ -569,8 +569,9 @@ def print_report(report, args):
           f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
           f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
     w = report["mean_words_chosen_rejected"]
+    shorter = w[0] < 0.9 * w[1]            # then DPO learns to stop early: the tuned answers come out shorter
     print(f"{f.get('short', 0)} answers too short to choose (--min-length); mean words, chosen / rejected: "
-          f"{w[0]:.0f} / {w[1]:.0f} (chosen much shorter: DPO learns to stop early)")
+          f"{w[0]:.0f} / {w[1]:.0f}" + ("  (chosen much shorter: DPO will learn to stop early)" if shorter else ""))
     if report["judge_seen_through_the_checks"]:
         print("the judge through each trait's check (share passing: all / chosen / rejected answers; AUC of the score;"
               " the most a judge could choose):")
