@@ -116,7 +116,8 @@ figure (without, seed 1 failed perplexity: 1.253x against 1.25x; with,
 1.12x), at 1.04-1.20x the ceiling; the share of the pirate-word gain kept
 under sample.py's instructions rose in seed 0 (50% -> 65%), not in seed 1
 (48% -> 49%). Hence the default. With today's DPO (lr 6e-5) the tuned
-pirate keeps 85-97% in three pipeline seeds (AMX Xeon; target 80%).
+pirate keeps 85-102% in five pipeline seeds (three on the AMX Xeon, two on
+the AVX2 EPYC; target 80%).
 
 Pairs (--pairs): best-worst (default) gives one pair per message, the best
 usable answer against the worst (or against one that breaks the character);
