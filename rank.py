@@ -96,11 +96,11 @@ penalty, so the teacher's loops show up in the data). A declining answer is
 only kept from being chosen; it is rejected when the judge scores it worst.
 With --min-length s, an answer with fewer words than s times the plain
 answer to the same message is not chosen either. The judge's score is by
-default a mean per token, so the best of 8 is often a short answer, and DPO learns
-from such pairs to stop early: the knight's answers came out 24-32%
-shorter in two seeds of three; with s = 0.5 all three kept their length,
-but its old words took less (RESULTS.md, "Keeping the best of 8 from
-shortening the answers"). Off by default.
+default a mean per token, so the best of 8 is often a short answer, and DPO
+learns from such pairs to stop early: the knight's answers came out 24-32%
+shorter in two seeds of three; with s = 0.5 all three kept their length, but
+its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
+the answers"). Off by default.
 
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"

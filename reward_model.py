@@ -8,7 +8,8 @@ answer):
     r(x, y) = w . h_last(x, y)          w: (width,), initialised to 0
 
 It is trained with the Bradley-Terry model of preferences,
-P(y_c preferred to y_r | x) = sigmoid(r(x, y_c) - r(x, y_r)), by minimising
+P(y_c preferred to y_r | x) = sigmoid(r(x, y_c) - r(x, y_r)) for a chosen
+answer y_c and a rejected one y_r, by minimising
 
     loss = -log sigmoid(r(x, y_c) - r(x, y_r) - m)
 
