@@ -1,5 +1,8 @@
 """The character: the traits file, the teacher's prompt, and the checks.
 
+Reads:  a traits file (traits.txt, personas/*.txt; the format below).
+Writes: nothing; every stage imports it.
+
 Every stage needs the same few things about the character, so they live
 here, beside model.py: how the traits file is read, the system prompt the
 teacher answers with (generate.py, rank.py, sample.py), the SHA that ties

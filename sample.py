@@ -3,14 +3,14 @@
     python sample.py                         # after generate, rank, reward_model, dpo
     python sample.py --seeds 0 1 2 --max-new-tokens 64
 
-Reads  traits.txt (the traits, their teacher prompts and `check:` patterns),
-       data/queries.jsonl (the held-out "eval" messages, never trained on),
-       the base model (--model), the trained model (out/dpo/), the reward
-       model (out/reward_model/) and the training metrics.
-Writes out/samples.jsonl (every answer with its measurements), out/eval.json
-       (every figure and the verdict), out/report.md (the verdict, the
-       tables, answers side by side, the training curves in brief) and the
-       two pictures it shows, out/checks.svg and out/training_curves.svg.
+Reads:  traits.txt (the traits, their teacher prompts and `check:` patterns),
+        data/queries.jsonl (the held-out "eval" messages, never trained on),
+        the base model (--model), the trained model (out/dpo/), the reward
+        model (out/reward_model/) and the training metrics.
+Writes: out/samples.jsonl (every answer with its measurements), out/eval.json
+        (every figure and the verdict), out/report.md (the verdict, the
+        tables, answers side by side, the training curves in brief) and the
+        two pictures it shows, out/checks.svg and out/training_curves.svg.
 
 Who answers. Every held-out message and a fixed set of everyday requests
 that never entered training (GENERAL_PROMPTS, less any the traits file uses
@@ -583,7 +583,7 @@ def training_curves_svg(dpo_log, reward_log):
     return svg_grid([panel("DPO loss: total, DPO part", dpo_log, [("total", "loss"), ("DPO part", "dpo_loss")]),
                      panel("DPO margin beta*h", dpo_log, [("margin", "margin")]),
                      panel("log p(answer): chosen, rejected", dpo_log, [("chosen", "logp_chosen"), ("rejected", "logp_rejected")]),
-                     panel("KL to the reference, per answer", dpo_log, [("KL", "kl")]),
+                     panel("KL estimate: mean log pi/pi_ref", dpo_log, [("KL", "kl")]),
                      panel("reward model loss", reward_log, [("loss", "loss")]),
                      panel("reward model accuracy", reward_log, [("accuracy", "accuracy")])])
 

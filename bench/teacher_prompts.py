@@ -21,7 +21,6 @@ answers that loop. System prompts compared:
     teacher        the file's teacher prompt: its role + the trait line (character.py)
     --role X       X + the trait line, for each X given
 """
-import argparse
 import json
 import os
 import statistics
@@ -41,14 +40,14 @@ def wrapper_prompt(trait, default_system):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = M.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traits", default="traits.txt")
     p.add_argument("--queries", default=None, help="take each trait's held-out messages from this file (generate.py's)")
     p.add_argument("--role", nargs="*", default=[], help="more roles to try (each followed by the trait line)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--general", type=int, default=len(GENERAL_PROMPTS))
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=96)
+    p.add_argument("--seeds", type=M.number(int, at_least=0), nargs="+", default=[0, 1, 2])
+    p.add_argument("--general", type=M.number(int, at_least=0), default=len(GENERAL_PROMPTS))
+    p.add_argument("--max-new-tokens", type=M.number(int, at_least=1), default=64)
+    p.add_argument("--batch-size", type=M.number(int, at_least=1), default=96)
     M.add_model_args(p)
     return p
 

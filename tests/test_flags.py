@@ -1,5 +1,7 @@
-"""Every numeric flag of every stage is checked before anything runs: a value
-that is not finite or out of range gets one error line and exit status 2."""
+"""Every numeric flag of every stage, of model.py and of the teacher-prompt
+bench is checked before anything runs: a value that is not finite or out of
+range gets one error line and exit status 2."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,8 +16,18 @@ import rank
 import reward_model
 import sample
 
+
+def bench_parser(name):
+    """A bench script's build_parser (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser
+
+
 PARSERS = {"generate.py": generate.build_parser, "rank.py": rank.build_parser, "reward_model.py": reward_model.build_parser,
-           "dpo.py": dpo.build_parser, "sample.py": sample.build_parser}
+           "dpo.py": dpo.build_parser, "sample.py": sample.build_parser, "model.py": M.build_parser,
+           "bench/teacher_prompts.py": bench_parser("teacher_prompts")}
 
 
 def numeric_flags(parser):

@@ -1,6 +1,7 @@
-"""The README's exercises are commands a student types: every one of them
-must parse (a stage's own argument parser, a Makefile target, a test that
-exists), and read files that exist (or that the demo or the exercise makes)."""
+"""The README's exercises and stage sections are commands a student types:
+every one of them must parse (a script's own argument parser, a Makefile
+target, a test that exists), and read files that exist (or that the demo or
+the exercise makes)."""
 import importlib.util
 import os
 import re
@@ -29,6 +30,11 @@ def commands_in(text):
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     commands += [" ".join(c.split()) for c in re.findall(r"`((?:python|make) [^`]+)`", prose)]
     return commands
+
+
+def told_to_write(path):
+    """A traits file the student writes in an exercise (personas/mine.txt) is named there as "to <file>"."""
+    return any(f"to `{path}`" in " ".join(text.split()) for text in exercises())
 
 
 def exercise_commands():
@@ -70,10 +76,8 @@ def test_every_make_command_of_the_exercises_names_a_target_and_a_traits_file(co
     for word in words[2:]:
         name, _, value = word.partition("=")
         assert name in variables, f"{command}: the Makefile has no variable {name}"
-        # a traits file the student writes in the exercise (personas/mine.txt) is named there as "to <file>"
         if name == "TRAITS" and not os.path.exists(os.path.join(ROOT, value)):
-            told = any(f"to `{value}`" in " ".join(text.split()) for text in exercises())
-            assert told, f"{command}: no traits file {value}"
+            assert told_to_write(value), f"{command}: no traits file {value}"
 
 
 @pytest.mark.parametrize("command", [c for c in exercise_commands() if c.startswith("python -m pytest")])
@@ -85,15 +89,26 @@ def test_every_test_an_exercise_runs_exists(command):
             assert f"def {name}(" in open(os.path.join(ROOT, path)).read(), f"{command}: no test {name}"
 
 
-@pytest.mark.parametrize("command", [c for c in exercise_commands() if not c.startswith(("make ", "python -m"))])
-def test_every_exercise_command_parses(command):
-    words = shlex.split(command)
+def stage_commands():
+    """The `python ...` commands of README's stage sections, from "## The stages" to the next section."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return [c for c in commands_in(text.split("## The stages\n", 1)[1].split("\n## ", 1)[0]) if c.startswith("python ")]
+
+
+def test_each_stage_section_has_a_command():
+    assert len(stage_commands()) >= 6          # the model and the five stage scripts
+
+
+@pytest.mark.parametrize("command", [c for c in exercise_commands() if not c.startswith(("make ", "python -m"))]
+                         + stage_commands())
+def test_every_exercise_and_stage_command_parses(command):
+    words = shlex.split(command, comments=True)
     script = os.path.join(ROOT, words[1])
     assert os.path.exists(script), f"no such script: {words[1]}"
     args = load_script(script).build_parser().parse_args(words[2:])      # an unknown flag or bad value: SystemExit
     traits = getattr(args, "traits", None)
-    if traits:
-        assert os.path.exists(os.path.join(ROOT, traits)), f"{command}: no traits file {traits}"
+    if traits and not os.path.exists(os.path.join(ROOT, traits)):
+        assert told_to_write(traits), f"{command}: no traits file {traits}"
     for name in INPUTS.get(words[1], []):
         # inputs come from the demo (data/pirate/, out/pirate/) or an earlier step of the same exercise (out/ex...)
         path = getattr(args, name)
