@@ -24,13 +24,11 @@ The network is a llama-family decoder. For a sequence of token ids x_1..x_T:
           dimensions (RoPE), so that q.k depends on relative position only;
           softmax(q k^T / sqrt(64) + causal mask) v. Several query heads share
           one key/value head (9 query, 3 key/value heads in SmolLM2-135M).
-          In code W_q, W_k, W_v are stacked into one matrix, and W_g, W_u into
-          another (one product each); files keep them apart (weights.py).
 
 Generation is batched with a key/value cache (`generate`); answers are
 scored by their log-probabilities (`answer_logprobs`). This file is the
 plain path, written to be read; fast.py holds the shortcuts that give the
-same results sooner (packed weights for decoding on a CPU, prompts shared
+same results sooner (packed, stacked weights for decoding on a CPU, prompts shared
 by several answers run once), on by default (PERFORMANCE.md, Speed).
 
 What it simplifies: one family of decoders (llama-style; Qwen2's biases), no
@@ -126,22 +124,29 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """W_q, W_k and W_v are stacked into one matrix (`qkv_proj`): one product
-    instead of three, which matters when each product is small (decoding).
-    Files keep them apart (q_proj, k_proj, v_proj): see `weights.fuse_projections`."""
+    """Grouped-query attention with RoPE. While `generate` runs on a CPU,
+    fast.py stacks W_q, W_k, W_v into one packed matrix (`stacked_qkv`): one
+    product instead of three, which matters when each product is small."""
 
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.stacked_qkv = None     # set by fast.packed_for_decoding
 
     def forward(self, x, cos, sin, attn_mask, cache, start):
         B, T, _ = x.shape
-        H, KV = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).contiguous().view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # (B, heads, T, 64)
-        qk = apply_rope(qkv[:, :H + KV], cos, sin)              # rotate the query and key heads together
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+        if self.stacked_qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:                       # a decoding step: the three products as one (fast.py)
+            q, k, v = fast.stacked_linear(x, self.stacked_qkv)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, heads, T, 64)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # Write this step's keys/values into the preallocated cache, attend to all so far.
             cache_k, cache_v = cache
@@ -158,15 +163,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU, with W_g and W_u stacked into one matrix (`gate_up_proj`)."""
+    """SwiGLU: W_d (silu(W_g x) * W_u x). While `generate` runs on a CPU,
+    fast.py stacks W_g and W_u into one packed matrix (`stacked_gate_up`)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.stacked_gate_up = None     # set by fast.packed_for_decoding
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.stacked_gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:                           # a decoding step: the two products as one (fast.py)
+            gate, up = fast.stacked_linear(x, self.stacked_gate_up)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -352,7 +363,6 @@ def build_model(config_fields, state, tok, chat_template):
     cfg = Config(**config_fields)
     with torch.device("meta"):      # no time spent on a random init we overwrite
         model = ChatModel(cfg)
-    state = weights.fuse_projections(state)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -457,8 +457,12 @@ def load_checkpoint(folder, model, optimizer, device):
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     params = dict(model.named_parameters())
+    saved = load_file(os.path.join(folder, "trainable.safetensors"))
+    if not saved.keys() <= params.keys():       # e.g. made before the network's tensors were renamed
+        unknown = sorted(saved.keys() - params.keys())[0]
+        raise DataError(f"{folder} holds {unknown!r}, which this network has not; pass --no-resume to start again")
     with torch.no_grad():
-        for name, value in load_file(os.path.join(folder, "trainable.safetensors")).items():
+        for name, value in saved.items():
             params[name].copy_(value)
     moments = load_file(os.path.join(folder, "optimizer.safetensors"))
     for key, value in moments.items():
@@ -531,7 +535,8 @@ def add_train_args(parser, lr, batch_size, micro_batch, epochs, train_layers):
     g.add_argument("--seed", type=M.number(int, at_least=0), default=0, help="seed of the data order, split and initialisation (default: %(default)s)")
     g.add_argument("--log-every", type=M.number(int, at_least=1), default=1, help="steps between metric lines; each one reads the device (default: %(default)s)")
     g.add_argument("--save-every", type=M.number(int, at_least=1), default=25, help="steps between checkpoints (default: %(default)s)")
-    g.add_argument("--eval-every", type=M.number(int, at_least=0), default=0, help="steps between held-out evaluations; 0 = only at the end (default: %(default)s)")
+    g.add_argument("--eval-every", type=M.number(int, at_least=0), default=25,
+                   help="steps between held-out evaluations (a point of the report's held-out curve); 0 = only at the end (default: %(default)s)")
     g.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
     g.add_argument("--compile", action="store_true", help="torch.compile each block (slow first steps, faster after)")
     g.add_argument("--kill-at-step", type=M.number(int, at_least=1), default=None,

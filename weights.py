@@ -19,14 +19,12 @@ template); `model.load_model` builds the network from them. Weights are read
 with `gguf`, `safetensors` or plain `struct`: no pickle, so loading a file
 never runs code from it.
 
-Two layouts differ between the files and the network, and are converted here:
-- RoPE. The network uses Hugging Face's rotate-half form (dimension i is
-  paired with i + d/2); llama.cpp's converter permuted the llama query/key
-  weights for its interleaved form (i paired with i + 1), so they are
-  permuted back on load (`_unpermute`) and again on GGUF export (`_permute`).
-- Fused projections. The network stacks W_q, W_k, W_v into one matrix and
-  W_gate, W_up into another (one product each instead of three and two);
-  files keep them apart (`fuse_projections`, `split_projections`).
+The network's tensors have Hugging Face's names and shapes. One layout is
+converted: RoPE. The network uses Hugging Face's rotate-half form (dimension
+i is paired with i + d/2); llama.cpp's converter permuted the llama
+query/key weights for its interleaved form (i paired with i + 1), so they
+are permuted back on load (`_unpermute`) and again on GGUF export
+(`_permute`).
 
 Read next: nothing new; back to the stage you came from.
 """
@@ -229,40 +227,6 @@ def read_hf_folder(path):
     return cfg, state, tok, template
 
 
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def fuse_projections(state):
-    """Files name W_q, W_k, W_v, W_gate and W_up apart (Hugging Face's and GGUF's
-    layout); the network stacks them (qkv_proj, gate_up_proj). Stack them."""
-    state = dict(state)
-    for name in list(state):
-        for fused, parts in FUSED.items():
-            if f".{parts[0]}." in name:           # e.g. layers.3.self_attn.q_proj.weight
-                prefix, suffix = name.split(f".{parts[0]}.")
-                names = [f"{prefix}.{p}.{suffix}" for p in parts]
-                if all(n in state for n in names):      # else build_model reports what is missing
-                    state[f"{prefix}.{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
-    return state
-
-
-def split_projections(state, cfg):
-    """The inverse of `fuse_projections`: the state dict in the files' layout."""
-    sizes = {"self_attn.qkv_proj": [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2,
-             "mlp.gate_up_proj": [cfg.hidden_dim] * 2}
-    out = {}
-    for name, tensor in state.items():
-        fused = next((f for f in FUSED if f".{f}." in name), None)
-        if fused is None:
-            out[name] = tensor
-            continue
-        prefix, suffix = name.split(f".{fused}.")
-        for part, piece in zip(FUSED[fused], tensor.split(sizes[fused])):
-            out[f"{prefix}.{part}.{suffix}"] = piece
-    return out
-
-
 def tokenizer_from_gguf(fields):
     """Build the byte-level BPE tokenizer that a GGUF file describes."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -316,7 +280,7 @@ def save_model(model, folder, extra_config=None, state_dict=None):
         "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id, "torch_dtype": "float32",
     }
     hf.update(extra_config or {})
-    state = split_projections(state_dict if state_dict is not None else model.state_dict(), cfg)
+    state = state_dict if state_dict is not None else model.state_dict()
     tensors = {("" if k.startswith(("lm_head", "score.")) or "." not in k else "model.") + k: v.detach().float().contiguous().cpu()
                for k, v in state.items()}
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -410,7 +374,7 @@ def save_gguf(model, path, dtype="f32"):
         writer.add_chat_template(tok.chat_template)
 
     to_gguf = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
-    for name, tensor in split_projections(model.state_dict(), cfg).items():
+    for name, tensor in model.state_dict().items():
         tensor = tensor.detach().float().cpu()
         if name.startswith("layers."):
             parts = name.split(".")                 # layers.<i>.<module path>.<weight|bias>

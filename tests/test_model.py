@@ -289,15 +289,45 @@ def test_bf16_weights_give_nearly_the_same_next_token_distribution(tiny_model_di
     assert 0.5 * (p - q).abs().sum() < 0.1          # total variation distance
 
 
-def test_stacked_projections_split_back_to_the_files_layout_exactly(tokenizer):
+def test_the_network_keeps_the_files_names_and_shapes(tokenizer):
+    """W_q, W_k, W_v, W_g and W_u are separate matrices in the network, named as
+    in a Hugging Face file: nothing is stacked or split on load or save."""
     model = make_tiny(tokenizer, qkv_bias=True)
-    files = W.split_projections(model.state_dict(), model.cfg)
-    assert {"layers.0.self_attn.q_proj.bias", "layers.1.mlp.up_proj.weight"} <= set(files)
-    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in files)
-    assert files["layers.0.self_attn.k_proj.weight"].shape == (2 * 16, 64)   # 2 key/value heads of 16
-    again = W.fuse_projections(files)
-    assert again.keys() == model.state_dict().keys()
-    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    names = set(model.state_dict())
+    assert {"layers.0.self_attn.q_proj.bias", "layers.0.self_attn.v_proj.weight", "layers.1.mlp.up_proj.weight",
+            "layers.1.mlp.gate_proj.weight"} <= names
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in names)
+    assert model.state_dict()["layers.0.self_attn.k_proj.weight"].shape == (2 * 16, 64)   # 2 key/value heads of 16
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+def test_the_stacked_products_of_a_decoding_step_equal_the_separate_ones(tokenizer, rows):
+    """fast.stacked_linear (W_q, W_k, W_v stacked and packed; W_g, W_u) gives the
+    three (two) separate products, biases included; past 64 rows it takes them
+    one by one. Only where this CPU's oneDNN packs fp32 (it does on all three
+    of the project's CPU kinds)."""
+    if not fast.cpu_can_pack(torch.float32):
+        pytest.skip("this CPU's oneDNN does not pack fp32 weights")
+    model = make_tiny(tokenizer, qkv_bias=True)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    x = torch.randn(rows, 1, model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    for linears in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        with torch.no_grad():
+            got = fast.stacked_linear(x, fast.stack_and_pack(linears))
+            expected = [m(x) for m in linears]
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_matrices_are_made_for_generate_and_dropped_after(tiny_model):
+    """packed_for_decoding stacks W_q, W_k, W_v and W_g, W_u where it packs, and
+    leaves nothing behind: training and scoring never see a stale copy."""
+    attn, mlp = tiny_model.layers[0].self_attn, tiny_model.layers[0].mlp
+    with fast.packed_for_decoding(tiny_model, 16):
+        assert (attn.stacked_qkv is not None) == (mlp.stacked_gate_up is not None) == fast.cpu_can_pack(torch.float32)
+    assert attn.stacked_qkv is None and mlp.stacked_gate_up is None and attn.o_proj.packed is None
 
 
 @pytest.mark.parametrize("can_pack", [True, False], ids=["packed-if-this-cpu-can", "fallback-forced"])

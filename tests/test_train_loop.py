@@ -210,7 +210,7 @@ def test_frozen_matrices_cast_once_give_the_same_training_and_come_back_exact(tm
     start = M.load_model(tiny_model_dir, "cpu").state_dict()
     once, plain = trained["once"].state_dict(), trained["autocast"].state_dict()
     assert all(torch.equal(once[k], plain[k]) for k in once)
-    frozen = "layers.0.self_attn.qkv_proj.weight"
+    frozen = "layers.0.self_attn.q_proj.weight"
     assert once[frozen].dtype == torch.float32 and torch.equal(once[frozen], start[frozen])
     assert not torch.equal(once["layers.1.mlp.down_proj.weight"], start["layers.1.mlp.down_proj.weight"])
     assert trained["once"].cfg.tie_embeddings and trained["once"].output_weight is None   # the bf16 output copy is gone
@@ -228,4 +228,4 @@ def test_frozen_matrices_come_back_in_fp32_when_training_stops_on_a_nan(tmp_path
     code = dpo.main(["--preferences", prefs, "--traits", "", "--heldout-fraction", "0", "--batch-size", "4",
                      "--dtype", "bf16", "--train-layers", "1", "--max-steps", "2", "--out", str(tmp_path / "out")])
     assert code == 1
-    assert model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32 and model.output_weight is None
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.float32 and model.output_weight is None
