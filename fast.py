@@ -33,11 +33,16 @@ so that a seed gives the same answers every time:
 its plain code alone: the tests compare the two, and a student can time
 both (`bench/generate_speed.py` prints the two side by side).
 
+Last, the CPU itself: `cpu_bf16_speedup` measures whether bf16 runs faster
+than fp32 here (for `--dtype auto`, `model.pick_dtype`), and `cpu_kind`
+names the CPU beside every benchmark figure.
+
 The figures, per CPU kind: PERFORMANCE.md, Speed.
 Read next: nothing new; back to model.py.
 """
 import contextlib
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -292,3 +297,81 @@ def logprobs_after_prefix(model, prefix, ids, score):
     logp = torch.log_softmax(model.logits(inputs[score]).float(), dim=-1).gather(-1, ids[score][:, None]).squeeze(-1)
     row = torch.arange(K, device=device)[:, None].expand_as(score)[score]
     return torch.zeros(K, device=device).index_add(0, row, logp), score.sum(-1)
+
+
+# ----------------------------------------------------------------------------
+# The CPU: what it is, and whether bf16 is faster on it (`model.pick_dtype`)
+# ----------------------------------------------------------------------------
+
+def cpu_kind():
+    """One line naming this CPU: model, cores torch uses, and its bf16/AVX flags
+    (benchmarks print it beside every figure)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    kind = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx_ne_convert", "avx2") if f in flags]
+    return f"{name}, {torch.get_num_threads()} threads, flags: {' '.join(kind) or 'none of amx/avx512/avx2'}"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(work="decoding"):
+    """How many times faster bf16 runs than fp32 on this CPU for `work`, measured
+    once per process (0.3-1 s) on two blocks of SmolLM2-135M's shapes with
+    random weights, best of 3 interleaved timings:
+    - "decoding": `generate` itself, 16 prompts of ~60 tokens, 12 new tokens
+      each (the prompt pass and the decoding steps, in the stages' proportion);
+    - "scoring": a forward pass over 2 x 128 tokens, fp32 vs bf16 weights;
+    - "training": forward and backward over 2 x 128 tokens, fp32 vs bf16 autocast.
+    Measured, never read from a CPU flag: an AVX2-only CPU emulates bf16
+    (several times slower); AMX and AVX-512-BF16 run bf16 about twice as fast,
+    but only where the kernels use them (on an AMD EPYC with AVX-512-BF16 the
+    fused attention kernel made bf16 decoding slower than fp32 until decoding
+    switched to `one_token_attention`)."""
+    import copy
+    import time
+    import model as M                                   # model.py imports this file
+    cfg = M.Config(vocab_size=256, n_layers=2, max_seq_len=256)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fp32 = M.ChatModel(cfg)
+        for p in fp32.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+    fp32.eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    prompts = [[1 + (7 * i + j) % 250 for j in range(64 - i % 8)] for i in range(16)]
+
+    def decoding(m):
+        m.tokenizer = M.Tokenizer.__new__(M.Tokenizer)         # generate reads only the two ids below
+        m.tokenizer.stop_ids, m.tokenizer.pad_id = [], 0
+        M.generate(m, prompts, max_new_tokens=12, temperature=0.7)
+
+    def scoring(m):
+        with torch.inference_mode():
+            m(ids)
+
+    def training(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=m is bf16):
+            loss = fp32(ids).float().pow(2).mean()          # autocast: fp32 weights either way
+        loss.backward()
+        fp32.zero_grad(set_to_none=True)
+
+    run = {"decoding": decoding, "scoring": scoring, "training": training}[work]
+    best = {fp32: math.inf, bf16: math.inf}
+    for m in best:                                          # warm up: oneDNN picks its kernels
+        run(m)
+    for _ in range(3):
+        for m in best:
+            t = time.perf_counter()
+            run(m)
+            best[m] = min(best[m], time.perf_counter() - t)
+    return best[fp32] / best[bf16]

@@ -399,79 +399,6 @@ def load_model(path=None, device="auto", dtype=torch.float32, work="decoding"):
 # Device and precision
 # ----------------------------------------------------------------------------
 
-def cpu_kind():
-    """One line naming this CPU: model, cores torch uses, and its bf16/AVX flags
-    (benchmarks print it beside every figure)."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown CPU":
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    kind = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx_ne_convert", "avx2") if f in flags]
-    return f"{name}, {torch.get_num_threads()} threads, flags: {' '.join(kind) or 'none of amx/avx512/avx2'}"
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_speedup(work="decoding"):
-    """How many times faster bf16 runs than fp32 on this CPU for `work`, measured
-    once per process (0.3-1 s) on two blocks of SmolLM2-135M's shapes with
-    random weights, best of 3 interleaved timings:
-    - "decoding": `generate` itself, 16 prompts of ~60 tokens, 12 new tokens
-      each (the prompt pass and the decoding steps, in the stages' proportion);
-    - "scoring": a forward pass over 2 x 128 tokens, fp32 vs bf16 weights;
-    - "training": forward and backward over 2 x 128 tokens, fp32 vs bf16 autocast.
-    Measured, never read from a CPU flag: an AVX2-only CPU emulates bf16
-    (several times slower); AMX and AVX-512-BF16 run bf16 about twice as fast,
-    but only where the kernels use them (on an AMD EPYC with AVX-512-BF16 the
-    fused attention kernel made bf16 decoding slower than fp32 until decoding
-    switched to `fast.one_token_attention`)."""
-    import copy
-    import time
-    cfg = Config(vocab_size=256, n_layers=2, max_seq_len=256)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        fp32 = ChatModel(cfg)
-        for p in fp32.parameters():
-            if p.dim() > 1:
-                nn.init.normal_(p, std=0.02)
-    fp32.eval()
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    ids = torch.randint(0, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
-    prompts = [[1 + (7 * i + j) % 250 for j in range(64 - i % 8)] for i in range(16)]
-
-    def decoding(m):
-        m.tokenizer = Tokenizer.__new__(Tokenizer)         # generate reads only the two ids below
-        m.tokenizer.stop_ids, m.tokenizer.pad_id = [], 0
-        generate(m, prompts, max_new_tokens=12, temperature=0.7)
-
-    def scoring(m):
-        with torch.inference_mode():
-            m(ids)
-
-    def training(m):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=m is bf16):
-            loss = fp32(ids).float().pow(2).mean()          # autocast: fp32 weights either way
-        loss.backward()
-        fp32.zero_grad(set_to_none=True)
-
-    run = {"decoding": decoding, "scoring": scoring, "training": training}[work]
-    best = {fp32: math.inf, bf16: math.inf}
-    for m in best:                                          # warm up: oneDNN picks its kernels
-        run(m)
-    for _ in range(3):
-        for m in best:
-            t = time.perf_counter()
-            run(m)
-            best[m] = min(best[m], time.perf_counter() - t)
-    return best[fp32] / best[bf16]
-
-
 BF16_MIN_SPEEDUP = 1.15     # `auto` takes bf16 on a CPU only if it measures at least this much faster
 
 
@@ -492,7 +419,7 @@ def pick_dtype(device, name="auto", work="decoding", quiet=False):
     "scoring": log-probabilities of whole sequences with bf16 weights;
     "training": fp32 weights under bf16 autocast). `auto`: bf16
     on a GPU that supports it; on a CPU, bf16 only where it measures at least
-    BF16_MIN_SPEEDUP times faster than fp32 for that work (`cpu_bf16_speedup`),
+    BF16_MIN_SPEEDUP times faster than fp32 for that work (`fast.cpu_bf16_speedup`),
     else fp32. Prints its choice and why in one line (unless quiet)."""
     if name != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -501,7 +428,7 @@ def pick_dtype(device, name="auto", work="decoding", quiet=False):
         dtype, why = ((torch.bfloat16, "the GPU supports bf16") if torch.cuda.is_bf16_supported()
                       else (torch.float32, "the GPU has no bf16"))
     elif device.type == "cpu":
-        speedup = cpu_bf16_speedup(work)
+        speedup = fast.cpu_bf16_speedup(work)
         dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
         why = f"{work} in bf16 measured {speedup:.2f}x the speed of fp32 on this CPU; bf16 from {BF16_MIN_SPEEDUP}x"
     else:

@@ -64,6 +64,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import dpo  # noqa: E402
+import fast  # noqa: E402
 import model as M  # noqa: E402
 import weights as W  # noqa: E402
 import train_loop as T  # noqa: E402
@@ -258,7 +259,7 @@ def main():
            "micro": args.micro, "max_length": args.max_length, "lr": args.lr, "beta": args.beta, "dtype": args.dtype,
            "peak_n": args.peak_n, "peak_n_bf16": args.peak_n_bf16}
     dtype = M.pick_dtype("cpu", args.dtype, "training")
-    print(f"CPU: {M.cpu_kind()}", file=sys.stderr)
+    print(f"CPU: {fast.cpu_kind()}", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, trl {trl_version or '(not installed)'}, "
           f"compute dtype {dtype}; {args.pairs} pairs from {preferences}, {args.steps} steps of {args.batch} pairs "
           f"(micro batches of {args.micro}), max length {args.max_length}, OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'unset')}",
@@ -285,7 +286,7 @@ def main():
           f"bf16 {peak.get('bf16', 0) / 1e9:.1f} GFLOP/s; training runs in {used}, so MFU is against the {used} peak"
           + ("" if used == "bf16" or peak.get("bf16", 0) < peak.get("fp32", 0) else
              f" (bf16 would be {peak['bf16'] / peak['fp32']:.1f}x faster: try --dtype bf16)") + "\n")
-    print(f"CPU: {M.cpu_kind()}\n")
+    print(f"CPU: {fast.cpu_kind()}\n")
     print("| configuration | tokens/s (train steps) | tokens/s with reference pass (1 / 2 epochs) | vs TRL | step (s) "
           f"| model GFLOP/token | MFU ({used}) | peak RSS (GB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -99,9 +99,9 @@ def main():
     auto = "bf16" if M.pick_dtype(device, "auto", quiet=True) == torch.bfloat16 else "fp32"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"transformers {transformers.__version__ if transformers else '(not installed)'}, --dtype auto: {auto}"
-          + (f" (bf16 decoding measured {M.cpu_bf16_speedup('decoding'):.2f}x fp32)" if device.type == "cpu" else ""),
+          + (f" (bf16 decoding measured {fast.cpu_bf16_speedup('decoding'):.2f}x fp32)" if device.type == "cpu" else ""),
           file=sys.stderr)
-    machine = M.cpu_kind() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} (CPU: {M.cpu_kind()})"
+    machine = fast.cpu_kind() if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} (CPU: {fast.cpu_kind()})"
     print(f"device: {machine}", file=sys.stderr)
     base = M.load_model(args.model, "cpu")
     tmp = tempfile.mkdtemp()

@@ -27,6 +27,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fast  # noqa: E402
 import model as M  # noqa: E402
 from character import loops, parse_traits, shows, teacher_prompt  # noqa: E402
 from sample import GENERAL_PROMPTS  # noqa: E402
@@ -70,7 +71,7 @@ def main():
     variants = {"plain": lambda t: None, "wrapper": lambda t: wrapper_prompt(t, tok.default_system),
                 "trait line": lambda t: t["text"], "teacher": teacher_prompt}
     variants.update({f"role: {r}": (lambda t, r=r: f"{r} {t['text']}") for r in args.role})
-    print(f"CPU: {M.cpu_kind()}; {args.traits}; {len(general)} everyday requests, "
+    print(f"CPU: {fast.cpu_kind()}; {args.traits}; {len(general)} everyday requests, "
           f"{'held-out messages from ' + args.queries if args.queries else 'seed messages'}; seeds {args.seeds}", file=sys.stderr)
     jobs, seen = [], {}                                      # one prompt per (system, message); plain shared by all traits
     for t in traits:
@@ -90,7 +91,7 @@ def main():
                                seed=1000 * seed + b)
         for key, o in zip(prompts, outs):
             answers[key + (seed,)] = (tok.decode(o), loops(o))
-    print(f"\nCPU: {M.cpu_kind()}\n")
+    print(f"\nCPU: {fast.cpu_kind()}\n")
     print("| trait | system prompt | own messages | everyday requests | loops (all) |\n|---|---|---:|---:|---:|")
     by_id = {t["id"]: t for t in traits}
     for t in traits:

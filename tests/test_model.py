@@ -255,8 +255,8 @@ def test_device_and_dtype_are_chosen_and_overridable():
     assert M.pick_device("cpu").type == "cpu"
     assert M.pick_dtype("cpu", "fp32") == torch.float32 and M.pick_dtype("cpu", "bf16") == torch.bfloat16
     for work in ("decoding", "scoring", "training"):
-        measured = M.cpu_bf16_speedup(work)
-        assert measured > 0 and measured == M.cpu_bf16_speedup(work)          # measured once per process
+        measured = fast.cpu_bf16_speedup(work)
+        assert measured > 0 and measured == fast.cpu_bf16_speedup(work)          # measured once per process
         assert M.pick_dtype("cpu", "auto", work) == (torch.bfloat16 if measured >= M.BF16_MIN_SPEEDUP else torch.float32)
 
 
@@ -265,7 +265,7 @@ def test_auto_dtype_follows_the_measured_speed_not_a_cpu_flag(monkeypatch, capsy
     """AMX (bf16 ~2x faster) -> bf16; AVX-512-BF16 EPYC decoding (slower in bf16)
     and AVX2 (emulated) -> fp32, whatever the flags say; the choice and its
     reason are printed in one line."""
-    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda work: speedup)
+    monkeypatch.setattr(fast, "cpu_bf16_speedup", lambda work: speedup)
     monkeypatch.setattr(M, "_say_once", lambda line: print(line, file=sys.stderr))
     assert M.pick_dtype("cpu", "auto", "training") == expected
     line = capsys.readouterr().err.strip()
@@ -274,7 +274,7 @@ def test_auto_dtype_follows_the_measured_speed_not_a_cpu_flag(monkeypatch, capsy
 
 
 def test_a_model_loaded_with_dtype_auto_gets_the_measured_choice(monkeypatch, tiny_model_dir):
-    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda work: {"decoding": 0.7, "scoring": 1.6}[work])
+    monkeypatch.setattr(fast, "cpu_bf16_speedup", lambda work: {"decoding": 0.7, "scoring": 1.6}[work])
     assert M.load_model(tiny_model_dir, "cpu", "auto", "decoding").embed_tokens.weight.dtype == torch.float32
     assert M.load_model(tiny_model_dir, "cpu", "auto", "scoring").embed_tokens.weight.dtype == torch.bfloat16
 

@@ -144,6 +144,25 @@ def test_resume_after_kill_gives_the_same_weights_and_metrics_as_an_uninterrupte
     assert not os.path.exists(tmp_path / "killed" / "checkpoint")  # a finished run removes its checkpoint
 
 
+def test_a_checkpoint_this_network_cannot_take_is_refused_in_one_line_and_kept(tmp_path, tiny_model_dir):
+    """A checkpoint whose tensors this network has not (one made before W_q, W_k
+    and W_v were separate matrices named "qkv_proj") gets one error line naming
+    --no-resume; the checkpoint stays where it was."""
+    from safetensors.torch import save_file
+    prefs = write_pairs(tmp_path / "p.jsonl")
+    args = ["--model", tiny_model_dir, "--preferences", prefs, *COMMON, "--max-steps", 5, "--save-every", 2,
+            "--out", tmp_path / "out"]
+    assert run_stage("dpo.py", *args, "--kill-at-step", 3, check=False).returncode == -9
+    path = tmp_path / "out" / "checkpoint" / "trainable.safetensors"
+    saved = load_file(path)
+    saved["layers.0.self_attn.qkv_proj.weight"] = saved.pop("layers.0.self_attn.q_proj.weight")
+    save_file(saved, path)
+    resumed = run_stage("dpo.py", *args, check=False)
+    assert resumed.returncode == 1
+    assert resumed.stderr.strip().splitlines()[-1].startswith("dpo.py: ") and "--no-resume" in resumed.stderr
+    assert "Traceback" not in resumed.stderr and T.checkpoint_state(tmp_path / "out" / "checkpoint")["step"] == 2
+
+
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
     prefs = write_pairs(tmp_path / "p.jsonl")
     args = ["--model", tiny_model_dir, "--preferences", prefs, *COMMON, "--max-steps", 3]
