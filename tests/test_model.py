@@ -303,9 +303,9 @@ def test_the_network_keeps_the_files_names_and_shapes(tokenizer):
 @pytest.mark.parametrize("rows", [1, 5, 64, 65])
 def test_the_stacked_products_of_a_decoding_step_equal_the_separate_ones(tokenizer, rows):
     """fast.stacked_linear (W_q, W_k, W_v stacked and packed; W_g, W_u) gives the
-    three (two) separate products, biases included; past 64 rows it takes them
-    one by one. Only where this CPU's oneDNN packs fp32 (it does on all three
-    of the project's CPU kinds)."""
+    three (two) separate products, biases included, from one row to past the
+    64 of a decoding step. Only where this CPU's oneDNN packs fp32 (it does on
+    all three of the project's CPU kinds)."""
     if not fast.cpu_can_pack(torch.float32):
         pytest.skip("this CPU's oneDNN does not pack fp32 weights")
     model = make_tiny(tokenizer, qkv_bias=True)
