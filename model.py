@@ -156,6 +156,8 @@ class Attention(nn.Module):
         if fast.one_token_attention_wins(q, attn_mask):
             y = fast.one_token_attention(q, k, v, attn_mask)       # a CPU decoding step: two plain products
         else:
+            # softmax(q k^T / sqrt(head_dim) + mask) v in one fused call; each group of
+            # n_heads / n_kv_heads query heads reads one key/value head (grouped-query attention).
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                 enable_gqa=self.n_heads != self.n_kv_heads)
