@@ -45,6 +45,8 @@ messages and everyday requests):
     perplexity  exp(-mean log p_base(answer | teacher prompt, message))      <= 1.25 x base/prompted's
     claims      share matching a `never:` pattern (claims a body, a home)    <= base + spread
     declines    share that decline to help or to give a view (DECLINES)      <= base + 2 points
+    openings    share that begin with the setting's most common first three   <= base + 10 points
+                words, per seed (a stock opening: "A wise question, my friend.")
     long loops  loops in long answers (below)                                <= base + 2 standard errors (2 points at least)
 
 Long answers. Answers are cut at --max-new-tokens (64), and nearly every
@@ -102,10 +104,11 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from tqdm import tqdm
 
@@ -158,7 +161,7 @@ SETTINGS = ["base/plain", "base/prompted", "tuned/plain", "tuned/prompted"]
 ROBUSTNESS = ["base/plain+drop", "base/prompted+drop", "tuned/plain+drop"]
 LONG = ["base/plain long", "tuned/plain long"]        # held-out messages, one sampling, --long-tokens
 LONG_FIGURES = ["ended", "length", "loops"]
-SOUNDNESS = ["loops", "repeats", "length", "perplexity", "claims", "declines"]
+SOUNDNESS = ["loops", "repeats", "length", "perplexity", "claims", "declines", "openings"]
 OWN_VIEW = ["reward", "contrast", "perplexity_plain"]
 TOO_COMMON = 0.25        # a check the plain model passes this often on everyday requests is flagged
 
@@ -293,11 +296,32 @@ def repeated_ngram_share(text, n=3):
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
+def opening(text, n=3):
+    """The first n words of an answer, lower case, punctuation dropped."""
+    return tuple(re.findall(r"\w+", text.lower())[:n])
+
+
+def mark_stock_openings(rows):
+    """openings = 1.0 for every answer that begins like the most common beginning
+    of its setting and seed. A model can collapse onto one opening line without
+    a loop or a repeat inside any answer: the wizard's best-of-8 pairs chose
+    "A wise question, my friend." in 17% of their answers, and the tuned model
+    then began 40% of its own with it (RESULTS.md, the wizard)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["setting"], r["seed"])].append(r)
+    for group in groups.values():
+        top = Counter(opening(r["answer"]) for r in group).most_common(1)[0][0]
+        for r in group:
+            r["openings"] = float(opening(r["answer"]) == top)
+
+
 def measure(rows, traits, base, reward_model, args):
     """Fill in, for every row: the checks of every trait, claims (a `never:`
-    match), declines (character.DECLINES), loops, repeats and length. For
-    the four main settings, the perplexity of the answer under the base
-    model given the teacher's prompt (coherence as the character sees it).
+    match), declines (character.DECLINES), loops, repeats, length and stock
+    openings (`mark_stock_openings`). For the four main settings, the
+    perplexity of the answer under the base model given the teacher's prompt
+    (coherence as the character sees it).
     For base/plain and tuned/plain, the training's own view: the reward and
     the contrast score (teacher prompt vs plain prompt), whose plain pass also
     gives the plain-prompt perplexity."""
@@ -307,6 +331,7 @@ def measure(rows, traits, base, reward_model, args):
                  claims=float(breaks_character(traits, r["answer"])), declines=float(declines(r["answer"])),
                  loops=float(loops(r["ids"])), repeats=repeated_ngram_share(r["answer"]), length=len(r["ids"]),
                  ended=float(len(r["ids"]) < r["limit"]))        # stopped before its token limit
+    mark_stock_openings(rows)
     main = [r for r in rows if r["setting"] in SETTINGS]
     teacher = mean_logprobs(base, [r["system"] for r in main], [r["user"] for r in main], [r["answer"] for r in main],
                             args.score_batch)
@@ -403,7 +428,9 @@ def soundness_verdict(figures, long_answers=0):
               "length": (0.8 * b["length"], 1.2 * b["length"]),
               "perplexity": 1.25 * b["perplexity"],
               "claims": b["claims"] + max(tuned["claims"]["std"], figures["base/plain"]["claims"]["std"]),
-              "declines": b["declines"] + 0.02}
+              "declines": b["declines"] + 0.02,
+              # ten points: about three standard errors of a share near 10% over a seed's ~90 answers
+              "openings": b["openings"] + 0.10}
     out = {}
     for m in SOUNDNESS:
         lim = limits[m]

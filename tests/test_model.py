@@ -327,7 +327,10 @@ def test_stacked_matrices_are_made_for_generate_and_dropped_after(tiny_model):
     attn, mlp = tiny_model.layers[0].self_attn, tiny_model.layers[0].mlp
     with fast.packed_for_decoding(tiny_model, 16):
         assert (attn.stacked_qkv is not None) == (mlp.stacked_gate_up is not None) == fast.cpu_can_pack(torch.float32)
-    assert attn.stacked_qkv is None and mlp.stacked_gate_up is None and attn.o_proj.packed is None
+    for layer in tiny_model.layers:                                       # every copy, in every block
+        assert layer.self_attn.stacked_qkv is None and layer.self_attn.o_proj.packed is None
+        assert layer.mlp.stacked_gate_up is None and layer.mlp.down_proj.packed is None
+    assert tiny_model.packed_output is None
 
 
 @pytest.mark.parametrize("can_pack", [True, False], ids=["packed-if-this-cpu-can", "fallback-forced"])

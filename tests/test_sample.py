@@ -9,10 +9,11 @@ from character import declines
 TRAITS = [{"id": 1, "text": "I talk like a pirate.", "check": r"\barr\b"}]
 
 
-def rows_for(rates, loops=None, length=None, declines=None, seeds=(0, 1, 2), n=20):
+def rows_for(rates, loops=None, length=None, declines=None, openings=None, seeds=(0, 1, 2), n=20):
     """Synthetic measured answers: per setting, a share `rates[setting]` of the
     answers to trait 1's held-out messages pass the check (per seed, +1 answer
-    on seed 1 so seeds differ a little); loops, length and declines per setting."""
+    on seed 1 so seeds differ a little); loops, length, declines and the share
+    with the most common opening (0.05 unless given) per setting."""
     rows = []
     for setting in S.SETTINGS + S.ROBUSTNESS + S.LONG:
         for seed in (seeds[:1] if setting in S.LONG else seeds):      # long answers: the first seed only
@@ -21,6 +22,7 @@ def rows_for(rates, loops=None, length=None, declines=None, seeds=(0, 1, 2), n=2
                 rows.append({"setting": setting, "seed": seed, "group": "held-out", "trait_id": 1,
                              "checks": {"1": i < k}, "claims": 0.0, "repeats": 0.01,
                              "declines": float(i < round((declines or {}).get(setting, 0.0) * n)),
+                             "openings": float(i < round((openings or {}).get(setting, 0.05) * n)),
                              "loops": float(i < round((loops or {}).get(setting, 0.5 if setting in S.LONG else 0.0) * n)),
                              "length": (length or {}).get(setting, 40), "perplexity": 3.0, "ended": 1.0,
                              "reward": 0.0, "contrast": 0.0})
@@ -55,6 +57,31 @@ def test_met_is_refused_when_the_tuned_model_learns_to_decline():
     """The check gains as much, but 15% of tuned answers decline to help (base 0%): took, not met."""
     v, sound = verdict(rows_for(RATES, declines={"tuned/plain": 0.15}))
     assert v["took"] and not v["met"] and not sound["declines"]["holds"] and sound["loops"]["holds"]
+
+
+def test_met_is_refused_when_the_tuned_model_opens_every_other_answer_alike():
+    """The check gains as much, but 40% of tuned answers begin the same way (base 5%,
+    limit 15%): took, not met; 15% holds."""
+    v, sound = verdict(rows_for(RATES, openings={"tuned/plain": 0.40}))
+    assert v["took"] and not v["met"] and not sound["openings"]["holds"] and sound["loops"]["holds"]
+    assert sound["openings"]["limit"] == pytest.approx(0.15)
+    v, sound = verdict(rows_for(RATES, openings={"tuned/plain": 0.15}))
+    assert v["met"] and sound["openings"]["holds"]
+
+
+def test_a_stock_opening_is_counted_per_setting_and_seed_whatever_its_punctuation():
+    """mark_stock_openings marks the answers that begin with their setting's and seed's
+    most common first three words (case and punctuation aside), and no others."""
+    def row(setting, seed, answer):
+        return {"setting": setting, "seed": seed, "answer": answer}
+    rows = ([row("tuned/plain", 0, "Boil it for seven minutes."),
+             row("tuned/plain", 0, "A wise question, my friend. Oil the hinge."),
+             row("tuned/plain", 0, "a wise question! Try a diary.")]
+            + [row("base/plain", 0, f"Answer number {i}.") for i in range(3)]
+            + [row("tuned/plain", 1, "A wise question."), row("tuned/plain", 1, "Boil it for seven minutes."),
+               row("tuned/plain", 1, "Boil it for ten.")])
+    S.mark_stock_openings(rows)
+    assert [r["openings"] for r in rows] == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
 
 
 def test_the_decline_pattern_catches_disclaimers_not_identity_or_character():
