@@ -188,6 +188,12 @@ def declines(text):
     return DECLINES.search(text) is not None
 
 
+def opening(text, n=3):
+    """The first n words of an answer, lower case, punctuation dropped: how
+    rank.py and sample.py tell a stock opening line ("A wise question, my friend.")."""
+    return tuple(re.findall(r"\w+", text.lower())[:n])
+
+
 def loops(token_ids, n=3, times=4):
     """True if one n-gram of tokens occurs `times` times or more: the mark of
     an answer stuck in a loop ("1. 1. 1. 1.", "a little, a little, a little ...")."""

@@ -102,6 +102,17 @@ shorter in two seeds of three; with s = 0.5 all three kept their length, but
 its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
 the answers"). Off by default.
 
+No stock opening line (--opening-cap, 0.05 by default). The judge can rate
+one opening as strongly the teacher's: the wizard's best of 8 chose "A wise
+question, my friend." for 28 pairs (rejected it in 3), and the tuned wizard
+began 40% of its answers with it. Within a pair, the tokens both answers
+start with cancel in DPO's margin, so what DPO learns about an opening (its
+first three words) is its excess: chosen minus rejected pairs that begin
+with it. No opening may exceed the cap times the train messages; past it, the
+pairs with the smallest margin choose their next-best answer that begins
+otherwise (`cap_stock_openings`). The pirate's and the cowboy's pairs are
+all under it (the most, "a pirate's", 13 chosen and 5 rejected of 165).
+
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
 has not really taken. With --drop-share s, a share s of the pairs (chosen by
@@ -143,11 +154,13 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 
 import torch
 
 import model as M
-from character import InputError, breaks_character, declines, loops, parse_traits, shows, teacher_prompt, traits_sha
+from character import (InputError, breaks_character, declines, loops, opening, parse_traits, shows, teacher_prompt,
+                       traits_sha)
 from stage_files import (barrier, finish_distributed, init_distributed, read_jsonl, remove_partials, run_units, write_atomic,
                          write_jsonl_atomic)
 
@@ -187,6 +200,9 @@ def build_parser():
     p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.5,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
                         "(the chosen answer stays in character; RESULTS.md, 'Robustness')")
+    p.add_argument("--opening-cap", type=M.number(float, at_least=0, at_most=1), default=0.05,
+                   help="an opening (first three words) may begin at most this share of the pairs' chosen answers more "
+                        "than of their rejected ones (1: off; RESULTS.md, the wizard)")
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=16, help="sequences per forward pass")
     M.add_model_args(p)
     return p
@@ -303,7 +319,8 @@ def example_flaws(answers, traits, tok, plain_answer=None, min_length=0.0):
     body or a home), "declines" (to help or to give a view: "I'm not equipped
     to provide opinions", character.DECLINES), "loops" (a token 3-gram 4 times
     or more), "short" (fewer words than min_length times the plain answer to
-    the same message: chosen, it teaches DPO to stop early); None if usable."""
+    the same message: chosen, it teaches DPO to stop early); None if usable.
+    One more, "stock opening", is set across messages by cap_stock_openings."""
     shortest = min_length * len(plain_answer.split()) if plain_answer else 0
     flaws = []
     for text in answers:
@@ -363,6 +380,47 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws, drop_share=0
     return pairs
 
 
+def cap_stock_openings(records, all_flaws, cap, make):
+    """Mark "stock opening" on answers whose first three words the pairs would
+    otherwise teach as the character's way to begin, and return those openings.
+
+    Within a pair, tokens the chosen and the rejected answer share at the start
+    cancel exactly in DPO's margin (same prompt, same tokens, same log-ratio),
+    so what DPO learns about an opening is its excess: how many more chosen
+    answers than rejected ones begin with it. The contrast judge rates some
+    openings as strongly the teacher's ("A wise question, my friend."); the
+    best of 8 chose it for 28 wizard pairs and rejected it in 3, and the tuned
+    wizard began 40% of its answers with it. So an opening's excess may be at
+    most `cap` times the train messages: past that, the pairs that chose it
+    with the smallest margin choose their next-best answer with another
+    opening (the highest-margin ones keep it); one pair may always exceed it,
+    as an opening used once is no stock opening. Repeated until no opening is
+    over, as a new choice can push another one over. `make(i)` gives record
+    i's pairs under the current flaws."""
+    train = [i for i, r in enumerate(records) if r["split"] == "train"]
+    allowed = max(1, cap * len(train))          # an opening used once is no stock opening
+    capped = {}
+    while True:
+        chosen, rejected, holders = Counter(), Counter(), {}
+        for i in train:
+            for p in make(i):
+                c, r = opening(p["chosen"][0]["content"]), opening(p["rejected"][0]["content"])
+                chosen[c] += 1
+                rejected[r] += 1
+                holders.setdefault(c, []).append((p["margin"], i))
+        over = [o for o in chosen if o and chosen[o] - rejected[o] > allowed]
+        if not over:
+            return capped
+        for o in over:
+            capped.setdefault(" ".join(o), chosen[o])
+            keep = int(allowed) + rejected[o]
+            for _, i in sorted(holders[o], reverse=True)[keep:]:
+                texts = [a["text"] for a in records[i]["responses"]]
+                for j, text in enumerate(texts):
+                    if all_flaws[i][j] is None and opening(text) == o:
+                        all_flaws[i][j] = "stock opening"
+
+
 def judge_against_checks(traits, records, all_scores, preferences, all_flaws):
     """How the judge's choices look through each trait's `check:` pattern (which
     the judge never sees): the share of all answers, of chosen and of
@@ -394,6 +452,13 @@ def judge_against_checks(traits, records, all_scores, preferences, all_flaws):
             "check_auc": round(sum(beats(a, b) for a in passing for b in failing) / (len(passing) * len(failing)), 4)
             if passing and failing else None}
     return out
+
+
+def top_openings(preferences, n=3):
+    """The n commonest openings of the chosen answers: {opening: [chosen, rejected]} (counts)."""
+    chosen = Counter(opening(p["chosen"][0]["content"]) for p in preferences)
+    rejected = Counter(opening(p["rejected"][0]["content"]) for p in preferences)
+    return {" ".join(o): [c, rejected[o]] for o, c in chosen.most_common(n)}
 
 
 def beats(a, b):
@@ -509,11 +574,16 @@ def run(args, model=None):
     if rank != 0:
         return None
 
-    scores_out, preferences, flaw_counts, all_flaws = [], [], {}, []
-    for r, res in zip(records, results):
+    all_flaws = []
+    for r in records:
         plain = next((a["text"] for a in r["responses"] if a["prompt"] == "plain"), None)
-        flaws = example_flaws([a["text"] for a in r["responses"]], traits, tok, plain, args.min_length)
-        all_flaws.append(flaws)
+        all_flaws.append(example_flaws([a["text"] for a in r["responses"]], traits, tok, plain, args.min_length))
+    pairs_of = lambda i: make_pairs(records[i], results[i]["scores"], args.pairs, args.min_margin, judge, sha, all_flaws[i],
+                                    args.drop_share)
+    capped = cap_stock_openings(records, all_flaws, args.opening_cap, pairs_of)
+
+    scores_out, preferences, flaw_counts = [], [], {}
+    for i, (r, res, flaws) in enumerate(zip(records, results, all_flaws)):
         for f in flaws:
             flaw_counts[f or "usable"] = flaw_counts.get(f or "usable", 0) + 1
         ranking = sorted(range(k), key=lambda i: -res["scores"][i])
@@ -522,13 +592,13 @@ def run(args, model=None):
                            "ranking": ranking, "flaws": flaws, **({"pairs": res["pairs"]} if "pairs" in res else {}),
                            "traits_sha": sha})
         if r["split"] == "train":             # eval messages never become training data
-            preferences.extend(make_pairs(r, res["scores"], args.pairs, args.min_margin, judge, sha, flaws,
-                                          args.drop_share))
+            preferences.extend(pairs_of(i))
     report = {"judge": judge, "score": args.score, "responses": args.responses, "messages": len(records), "answers": len(records) * k,
               "pairs": len(preferences), "answers_by_flaw": flaw_counts,
               "pairs_rejecting_a_broken_character": sum(p["rejected_breaks_character"] for p in preferences),
               "pairs_rejecting_a_loop": sum(p.get("rejected_loops", False) for p in preferences),
               "pairs_with_a_drop_instruction": sum(p["drop_instruction"] is not None for p in preferences),
+              "openings_capped": capped, "top_chosen_openings": top_openings(preferences),
               "mean_words_chosen_rejected": [round(sum(len(p[side][0]["content"].split()) for p in preferences)
                                                    / max(1, len(preferences)), 1) for side in ("chosen", "rejected")],
               "mean_margin": round(sum(p["margin"] for p in preferences) / len(preferences), 4) if preferences else None,
@@ -569,6 +639,11 @@ def print_report(report, args):
     print(f"answers that may not be chosen: {f.get('breaks the character', 0)} break the character (a 'never:' pattern), "
           f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
           f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
+    tops = ", ".join(f"'{o}' {c}/{r}" for o, (c, r) in report["top_chosen_openings"].items())
+    print(f"commonest openings of the chosen answers (chosen/rejected pairs): {tops}; "
+          + (f"{f.get('stock opening', 0)} answers not chosen for their stock opening: "
+             + ", ".join(f"'{o}' (chosen {n})" for o, n in report["openings_capped"].items())
+             if report["openings_capped"] else "none over the --opening-cap"))
     w = report["mean_words_chosen_rejected"]
     shorter = w[0] < 0.9 * w[1]            # then DPO learns to stop early: the tuned answers come out shorter
     print(f"{f.get('short', 0)} answers too short to choose (--min-length); mean words, chosen / rejected: "

@@ -104,7 +104,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -113,8 +112,8 @@ from collections import Counter, defaultdict
 from tqdm import tqdm
 
 import model as M
-from character import (InputError, breaks_character, character_prompt, declines, loops, parse_traits, shows, teacher_prompt,
-                       traits_sha)
+from character import (InputError, breaks_character, character_prompt, declines, loops, opening, parse_traits, shows,
+                       teacher_prompt, traits_sha)
 from stage_files import read_jsonl, write_atomic
 
 # Everyday requests: no trait in particular, never in the training data.
@@ -294,11 +293,6 @@ def repeated_ngram_share(text, n=3):
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
-
-
-def opening(text, n=3):
-    """The first n words of an answer, lower case, punctuation dropped."""
-    return tuple(re.findall(r"\w+", text.lower())[:n])
 
 
 def mark_stock_openings(rows):

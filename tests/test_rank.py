@@ -194,6 +194,50 @@ def test_an_answer_much_shorter_than_the_plain_one_is_never_chosen(tiny_model):
     assert p["chosen"][0]["content"] == answers[1] and p["rejected"][0]["content"] == plain
 
 
+def stock_records(n, answers):
+    """n train messages and one eval message, each with the answers made by answers(i)."""
+    return [{**RECORD, "query_id": f"t1-q{i:03d}", "split": "eval" if i == n else "train",
+             "responses": [{"text": a, "prompt": "traits"} for a in answers(i)]} for i in range(n + 1)]
+
+
+def capped_pairs(records, scores, cap):
+    flaws = [[None] * len(r["responses"]) for r in records]
+    make = lambda i: R.make_pairs(records[i], scores[i], "best-worst", 0.0, "contrast", "sha", flaws[i])
+    capped = R.cap_stock_openings(records, flaws, cap, make)
+    return capped, [p for i, r in enumerate(records) if r["split"] == "train" for p in make(i)], flaws
+
+
+def test_no_opening_is_taught_to_more_than_the_cap_of_the_pairs():
+    """--opening-cap: the wizard's best of 8 chose "A wise question, my friend." for
+    28 pairs and the tuned model began 40% of its answers with it. With a cap of
+    0.1 over 20 train messages, two pairs keep that opening (those with the
+    largest margin); the others choose their next-best answer, and when those
+    share an opening too ("Hark, traveller"), it is capped in turn. The eval
+    message is not counted, and a cap of 1 changes nothing."""
+    answers = lambda i: ["A wise question, my friend. The stars.", f"Hark, old traveller, the moon {i}.",
+                         f"Moonlight number {i} shows the way.", f"Plain answer {i}."]
+    records = stock_records(20, answers)
+    scores = [[0.9 + i / 100, 0.5, 0.3, 0.0] for i in range(21)]
+    capped, pairs, flaws = capped_pairs(records, scores, 0.1)
+    assert capped == {"a wise question": 20, "hark old traveller": 18}
+    chosen = [p["chosen"][0]["content"] for p in pairs]
+    assert [p["id"] for p in pairs if p["chosen"][0]["content"] == answers(0)[0]] == ["t1-q018-0-3", "t1-q019-0-3"]
+    assert sum(c.startswith("Hark") for c in chosen) == 2 and sum(c.startswith("Moonlight") for c in chosen) == 16
+    assert flaws[0] == ["stock opening", "stock opening", None, None] and flaws[20] == [None] * 4   # eval untouched
+    assert capped_pairs(records, scores, 1.0)[0] == {}
+    assert all(p["chosen"][0]["content"] == answers(i)[0] for i, p in enumerate(capped_pairs(records, scores, 1.0)[1]))
+
+
+def test_an_opening_the_rejected_answers_share_is_not_capped():
+    """What DPO learns about an opening is its excess over the rejected answers
+    (tokens both answers of a pair start with cancel in its margin): an opening
+    the rejected answers begin with as often is left alone."""
+    answers = lambda i: [f"A wise question, friend {i}: the stars.", f"Moonlight {i}.", f"A wise question {i}, but no."]
+    records = stock_records(20, answers)
+    capped, pairs, _ = capped_pairs(records, [[0.9, 0.5, 0.0]] * 21, 0.1)
+    assert capped == {} and all(p["chosen"][0]["content"].startswith("A wise question") for p in pairs)
+
+
 def test_sanity_figures_on_known_scores():
     """prompted-beats-plain per trait and overall, plain-ranked-worst and the pooled AUC, on hand-made scores."""
     other = dict(RECORD, trait_id=2, trait="I am brief.")
