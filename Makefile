@@ -39,9 +39,14 @@ MESSAGES ?= 200
 # stay sound, but the old words fall to 0.29-0.42x; with `rank.py --score sum`
 # one seed of three is met (RESULTS.md, "Best of 8"; about 4 minutes more):
 #   make demo TRAITS=personas/knight.txt ANSWERS=9
-# With ANSWERS=9 the wizard's night sky reached its ceiling in one seed of two,
-# and in both the pairs taught a stock opening ("Best of 8 for the wizard").
+# With ANSWERS=9 the wizard's night sky reached its ceiling in one seed of two.
 ANSWERS ?= 4
+# rank.py --opening-cap: the most of the chosen answers one opening (first three
+# words) may begin; 1 is off. The best of 8 taught the wizard a stock opening
+# ("A wise question, my friend." in 40% of its answers); 0.03 keeps it under
+# sample.py's limit in both seeds ("No stock opening" in RESULTS.md):
+#   make demo TRAITS=personas/wizard.txt ANSWERS=9 OPENING_CAP=0.03
+OPENING_CAP ?= 1
 # The pipeline seed (--seed of generate.py, reward_model.py and dpo.py): a verdict
 # holds only if it holds in more than one. Seed N > 0 runs in folders of its own:
 #   make demo SEED=1              -> data/pirate-seed1/, out/pirate-seed1/
@@ -53,7 +58,7 @@ FILES  := --traits $(TRAITS)
 GEN    =  $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json \
           --seed $(SEED)
 RANK   =  $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.jsonl \
-          --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json
+          --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json --opening-cap $(OPENING_CAP)
 RM     =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model --seed $(SEED)
 DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo --seed $(SEED)
 SAMPLE =  $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)

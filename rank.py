@@ -102,16 +102,17 @@ shorter in two seeds of three; with s = 0.5 all three kept their length, but
 its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
 the answers"). Off by default.
 
-No stock opening line (--opening-cap, 0.05 by default). The judge can rate
+No stock opening line (--opening-cap c; off by default). The judge can rate
 one opening as strongly the teacher's: the wizard's best of 8 chose "A wise
-question, my friend." for 28 pairs (rejected it in 3), and the tuned wizard
-began 40% of its answers with it. Within a pair, the tokens both answers
-start with cancel in DPO's margin, so what DPO learns about an opening (its
-first three words) is its excess: chosen minus rejected pairs that begin
-with it. No opening may exceed the cap times the train messages; past it, the
-pairs with the smallest margin choose their next-best answer that begins
-otherwise (`cap_stock_openings`). The pirate's and the cowboy's pairs are
-all under it (the most, "a pirate's", 13 chosen and 5 rejected of 165).
+question, my friend." for 28 of 165 pairs, and the tuned wizard began 40% of
+its answers with it. With c = 0.03 no opening (the first three words) may
+begin more than 3% of the chosen answers; past that, the pairs with the
+smallest margin choose their next-best answer that begins otherwise
+(`cap_stock_openings`). Both wizard seeds then kept their openings under
+sample.py's limit; the pirate, whose openings already were, took as well
+but began with another one more often ("Aye, the sea": RESULTS.md, "No
+stock opening"). Hence off by default, on for the best of 8 (the
+Makefile's OPENING_CAP).
 
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
@@ -200,9 +201,9 @@ def build_parser():
     p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.5,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
                         "(the chosen answer stays in character; RESULTS.md, 'Robustness')")
-    p.add_argument("--opening-cap", type=M.number(float, at_least=0, at_most=1), default=0.05,
-                   help="an opening (first three words) may begin at most this share of the pairs' chosen answers more "
-                        "than of their rejected ones (1: off; RESULTS.md, the wizard)")
+    p.add_argument("--opening-cap", type=M.number(float, at_least=0, at_most=1), default=1.0,
+                   help="the most of the chosen answers one opening (first three words) may begin "
+                        "(1: off, the default; 0.03 for the best of 8: RESULTS.md, 'No stock opening')")
     p.add_argument("--batch-size", type=M.number(int, at_least=1), default=16, help="sequences per forward pass")
     M.add_model_args(p)
     return p
@@ -382,42 +383,38 @@ def make_pairs(record, scores, mode, min_margin, judge, sha, flaws, drop_share=0
 
 def cap_stock_openings(records, all_flaws, cap, make):
     """Mark "stock opening" on answers whose first three words the pairs would
-    otherwise teach as the character's way to begin, and return those openings.
+    otherwise teach as the character's way to begin, and return those openings
+    (with how many chosen answers began with each before).
 
-    Within a pair, tokens the chosen and the rejected answer share at the start
-    cancel exactly in DPO's margin (same prompt, same tokens, same log-ratio),
-    so what DPO learns about an opening is its excess: how many more chosen
-    answers than rejected ones begin with it. The contrast judge rates some
-    openings as strongly the teacher's ("A wise question, my friend."); the
-    best of 8 chose it for 28 wizard pairs and rejected it in 3, and the tuned
-    wizard began 40% of its answers with it. So an opening's excess may be at
-    most `cap` times the train messages: past that, the pairs that chose it
-    with the smallest margin choose their next-best answer with another
-    opening (the highest-margin ones keep it); one pair may always exceed it,
-    as an opening used once is no stock opening. Repeated until no opening is
-    over, as a new choice can push another one over. `make(i)` gives record
-    i's pairs under the current flaws."""
+    The contrast judge rates some openings as strongly the teacher's ("A wise
+    question, my friend."): the best of 8 chose it for 28 wizard pairs, and
+    the tuned wizard began 40% of its answers with it. DPO's NLL term trains
+    the chosen answers directly, and training sharpens what many of them
+    share: capping only the excess over the rejected answers (which cancels in
+    DPO's margin) left "The art of" in 10 chosen and 7 rejected answers, and
+    the tuned wizard began 22% of its answers with it. So at most `cap` of the
+    train messages' chosen answers may begin alike: past that, the pairs that
+    chose the opening with the smallest margin choose their next-best answer
+    that begins otherwise (the highest-margin ones keep it). An opening used
+    once is never a stock one. Repeated until none is over, as a new choice
+    can push another opening over. `make(i)` gives record i's pairs under the
+    current flaws."""
     train = [i for i, r in enumerate(records) if r["split"] == "train"]
-    allowed = max(1, cap * len(train))          # an opening used once is no stock opening
+    allowed = max(1, int(cap * len(train)))     # an opening used once is no stock opening
     capped = {}
     while True:
-        chosen, rejected, holders = Counter(), Counter(), {}
+        holders = {}
         for i in train:
             for p in make(i):
-                c, r = opening(p["chosen"][0]["content"]), opening(p["rejected"][0]["content"])
-                chosen[c] += 1
-                rejected[r] += 1
-                holders.setdefault(c, []).append((p["margin"], i))
-        over = [o for o in chosen if o and chosen[o] - rejected[o] > allowed]
+                holders.setdefault(opening(p["chosen"][0]["content"]), []).append((p["margin"], i))
+        over = [o for o, pairs in holders.items() if o and len(pairs) > allowed]
         if not over:
             return capped
         for o in over:
-            capped.setdefault(" ".join(o), chosen[o])
-            keep = int(allowed) + rejected[o]
-            for _, i in sorted(holders[o], reverse=True)[keep:]:
-                texts = [a["text"] for a in records[i]["responses"]]
-                for j, text in enumerate(texts):
-                    if all_flaws[i][j] is None and opening(text) == o:
+            capped.setdefault(" ".join(o), len(holders[o]))
+            for _, i in sorted(holders[o], reverse=True)[allowed:]:
+                for j, answer in enumerate(records[i]["responses"]):
+                    if all_flaws[i][j] is None and opening(answer["text"]) == o:
                         all_flaws[i][j] = "stock opening"
 
 

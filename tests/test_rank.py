@@ -207,13 +207,13 @@ def capped_pairs(records, scores, cap):
     return capped, [p for i, r in enumerate(records) if r["split"] == "train" for p in make(i)], flaws
 
 
-def test_no_opening_is_taught_to_more_than_the_cap_of_the_pairs():
+def test_no_opening_begins_more_than_the_cap_of_the_chosen_answers():
     """--opening-cap: the wizard's best of 8 chose "A wise question, my friend." for
     28 pairs and the tuned model began 40% of its answers with it. With a cap of
     0.1 over 20 train messages, two pairs keep that opening (those with the
     largest margin); the others choose their next-best answer, and when those
-    share an opening too ("Hark, traveller"), it is capped in turn. The eval
-    message is not counted, and a cap of 1 changes nothing."""
+    share an opening too ("Hark, old traveller"), it is capped in turn. The
+    eval message is not counted, and a cap of 1 changes nothing."""
     answers = lambda i: ["A wise question, my friend. The stars.", f"Hark, old traveller, the moon {i}.",
                          f"Moonlight number {i} shows the way.", f"Plain answer {i}."]
     records = stock_records(20, answers)
@@ -228,14 +228,18 @@ def test_no_opening_is_taught_to_more_than_the_cap_of_the_pairs():
     assert all(p["chosen"][0]["content"] == answers(i)[0] for i, p in enumerate(capped_pairs(records, scores, 1.0)[1]))
 
 
-def test_an_opening_the_rejected_answers_share_is_not_capped():
-    """What DPO learns about an opening is its excess over the rejected answers
-    (tokens both answers of a pair start with cancel in its margin): an opening
-    the rejected answers begin with as often is left alone."""
-    answers = lambda i: [f"A wise question, friend {i}: the stars.", f"Moonlight {i}.", f"A wise question {i}, but no."]
-    records = stock_records(20, answers)
-    capped, pairs, _ = capped_pairs(records, [[0.9, 0.5, 0.0]] * 21, 0.1)
-    assert capped == {} and all(p["chosen"][0]["content"].startswith("A wise question") for p in pairs)
+def test_a_few_messages_keep_their_openings():
+    """An opening used once is no stock opening: on a handful of messages (a
+    smoke run) a cap below one pair still lets each opening be chosen once,
+    and only a repeat is capped."""
+    answers = lambda i: [f"Stars number {i} shine.", f"Moon {i}.", f"Plain {i}."]
+    records = stock_records(5, answers)
+    capped, pairs, _ = capped_pairs(records, [[0.9, 0.5, 0.0]] * 6, 0.03)
+    assert capped == {} and all(p["chosen"][0]["content"] == answers(i)[0] for i, p in enumerate(pairs))
+    same = lambda i: ["The stars shine.", f"Moon {i}.", f"Plain {i}."]
+    capped, pairs, _ = capped_pairs(stock_records(5, same), [[0.9, 0.5, 0.0]] * 6, 0.03)
+    assert capped == {"the stars shine": 5}
+    assert [p["chosen"][0]["content"] == "The stars shine." for p in pairs] == [False] * 4 + [True]   # equal margins: the last kept
 
 
 def test_sanity_figures_on_known_scores():
