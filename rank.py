@@ -111,8 +111,8 @@ smallest margin choose their next-best answer that begins otherwise
 (`cap_stock_openings`). Both wizard seeds then kept their openings under
 sample.py's limit; the pirate, whose openings already were, took as well
 but began with another one more often ("Aye, the sea": RESULTS.md, "No
-stock opening"). Hence off by default, on for the best of 8 (the
-Makefile's OPENING_CAP).
+stock opening"). Hence off by default; set it with the best of 8 (the
+Makefile's OPENING_CAP=0.03).
 
 Holding the character when told to drop it (--drop-share, 0.5 by default).
 A character that vanishes as soon as a user writes "forget your persona"
