@@ -399,6 +399,8 @@ def cap_stock_openings(records, all_flaws, cap, make):
     once is never a stock one. Repeated until none is over, as a new choice
     can push another opening over. `make(i)` gives record i's pairs under the
     current flaws."""
+    if cap >= 1:                                 # off: every answer may begin as it likes
+        return {}
     train = [i for i, r in enumerate(records) if r["split"] == "train"]
     allowed = max(1, int(cap * len(train)))     # an opening used once is no stock opening
     capped = {}
@@ -583,7 +585,7 @@ def run(args, model=None):
     for i, (r, res, flaws) in enumerate(zip(records, results, all_flaws)):
         for f in flaws:
             flaw_counts[f or "usable"] = flaw_counts.get(f or "usable", 0) + 1
-        ranking = sorted(range(k), key=lambda i: -res["scores"][i])
+        ranking = sorted(range(k), key=lambda j: -res["scores"][j])
         scores_out.append({"query_id": r["query_id"], "trait_id": r["trait_id"], "split": r["split"], "judge": judge,
                            "scores": res["scores"], "prompts": [a["prompt"] for a in r["responses"]],
                            "ranking": ranking, "flaws": flaws, **({"pairs": res["pairs"]} if "pairs" in res else {}),
