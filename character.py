@@ -204,3 +204,13 @@ def loops(token_ids, n=3, times=4):
         if counts[gram] >= times:
             return True
     return False
+
+
+def repeated_ngram_share(text, n=3):
+    """Share of the word n-grams of `text` that already occurred earlier in it:
+    sample.py's "repeats" figure, and what rank.py --max-repeats keeps from
+    being chosen ("I'm a Southern cowboy, and I'm not about fine-tuned dishes.
+    I'm a Southern cowboy, and I'm not about fine-tuned dishes.")."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)

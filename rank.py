@@ -100,7 +100,14 @@ default a mean per token, so the best of 8 is often a short answer, and DPO
 learns from such pairs to stop early: the knight's answers came out 24-32%
 shorter in two seeds of three; with s = 0.5 all three kept their length, but
 its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
-the answers"). Off by default.
+the answers"). Off by default. With --max-repeats r, an answer in which more
+than a share r of the word 3-grams were said before in it (sample.py's
+"repeats", per answer) is not chosen either: short of a loop, but a tic the
+training copies. One epoch of SFT on the chosen answers before DPO gave the
+cowboy more of its words, and its chosen answers' tics ("I'm a Southern
+cowboy, and I'm not about fine-tuned dishes." twice in one) past the repeats
+limit in both seeds; r = 0.1 changed 23 and 27 of their 164 and 165 chosen
+answers (RESULTS.md, "SFT first"). Off by default.
 
 No stock opening line (--opening-cap c; off by default). The judge can rate
 one opening as strongly the teacher's: the wizard's best of 8 chose "A wise
@@ -160,8 +167,8 @@ from collections import Counter
 import torch
 
 import model as M
-from character import (InputError, breaks_character, declines, loops, opening, parse_traits, shows, teacher_prompt,
-                       traits_sha)
+from character import (InputError, breaks_character, declines, loops, opening, parse_traits, repeated_ngram_share,
+                       shows, teacher_prompt, traits_sha)
 from stage_files import (barrier, finish_distributed, init_distributed, read_jsonl, remove_partials, run_units, write_atomic,
                          write_jsonl_atomic)
 
@@ -198,6 +205,9 @@ def build_parser():
     p.add_argument("--min-length", type=M.number(float, at_least=0), default=0.0,
                    help="never choose an answer with fewer words than this share of the plain answer's "
                         "(0: off; 0.5 keeps the best of 8 from teaching shorter answers: RESULTS.md)")
+    p.add_argument("--max-repeats", type=M.number(float, at_least=0, at_most=1), default=1.0,
+                   help="never choose an answer in which more than this share of the word 3-grams repeat an earlier one "
+                        "(1: off)")
     p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.5,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
                         "(the chosen answer stays in character; RESULTS.md, 'Robustness')")
@@ -314,19 +324,22 @@ def compare_win_rate(model, trait, user_message, answers, batch_size=16):
 # Pairs and sanity figures
 # ----------------------------------------------------------------------------
 
-def example_flaws(answers, traits, tok, plain_answer=None, min_length=0.0):
+def example_flaws(answers, traits, tok, plain_answer=None, min_length=0.0, max_repeats=1.0):
     """Why each answer may not be a chosen example: "empty", "breaks the
     character" (it matches a `never:` pattern of any trait, e.g. it claims a
     body or a home), "declines" (to help or to give a view: "I'm not equipped
     to provide opinions", character.DECLINES), "loops" (a token 3-gram 4 times
-    or more), "short" (fewer words than min_length times the plain answer to
-    the same message: chosen, it teaches DPO to stop early); None if usable.
-    One more, "stock opening", is set across messages by cap_stock_openings."""
+    or more), "repeats itself" (more than max_repeats of its word 3-grams said
+    before in it: short of a loop, but chosen, it teaches a tic), "short" (fewer
+    words than min_length times the plain answer to the same message: chosen,
+    it teaches DPO to stop early); None if usable. One more, "stock opening",
+    is set across messages by cap_stock_openings."""
     shortest = min_length * len(plain_answer.split()) if plain_answer else 0
     flaws = []
     for text in answers:
         flaws.append("empty" if not text.strip() else "breaks the character" if breaks_character(traits, text)
                      else "declines" if declines(text) else "loops" if loops(tok.encode(text))
+                     else "repeats itself" if repeated_ngram_share(text) > max_repeats
                      else "short" if len(text.split()) < shortest else None)
     return flaws
 
@@ -576,7 +589,8 @@ def run(args, model=None):
     all_flaws = []
     for r in records:
         plain = next((a["text"] for a in r["responses"] if a["prompt"] == "plain"), None)
-        all_flaws.append(example_flaws([a["text"] for a in r["responses"]], traits, tok, plain, args.min_length))
+        all_flaws.append(example_flaws([a["text"] for a in r["responses"]], traits, tok, plain, args.min_length,
+                                       args.max_repeats))
     pairs_of = lambda i: make_pairs(records[i], results[i]["scores"], args.pairs, args.min_margin, judge, sha, all_flaws[i],
                                     args.drop_share)
     capped = cap_stock_openings(records, all_flaws, args.opening_cap, pairs_of)
@@ -636,7 +650,8 @@ def print_report(report, args):
           f"plain ranked worst: {report['plain_ranked_worst']:.2f} (chance {report['chance']['plain_ranked_worst']:.2f})")
     f = report["answers_by_flaw"]
     print(f"answers that may not be chosen: {f.get('breaks the character', 0)} break the character (a 'never:' pattern), "
-          f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
+          f"{f.get('declines', 0)} decline, {f.get('loops', 0)} loop, {f.get('repeats itself', 0)} repeat themselves "
+          f"(--max-repeats), {f.get('empty', 0)} empty; {report['pairs_rejecting_a_broken_character']} pairs "
           f"reject an answer that breaks the character, {report['pairs_rejecting_a_loop']} one that loops")
     tops = ", ".join(f"'{o}' {c}/{r}" for o, (c, r) in report["top_chosen_openings"].items())
     print(f"commonest openings of the chosen answers (chosen/rejected pairs): {tops}; "

@@ -112,8 +112,8 @@ from collections import Counter, defaultdict
 from tqdm import tqdm
 
 import model as M
-from character import (InputError, breaks_character, character_prompt, declines, loops, opening, parse_traits, shows,
-                       teacher_prompt, traits_sha)
+from character import (InputError, breaks_character, character_prompt, declines, loops, opening, parse_traits,
+                       repeated_ngram_share, shows, teacher_prompt, traits_sha)
 from stage_files import read_jsonl, write_atomic
 
 # Everyday requests: no trait in particular, never in the training data.
@@ -286,13 +286,6 @@ def mean_logprobs(model, systems, user_texts, answers, batch_size):
         seqs.append(s)
         masks.append(m)
     return M.answer_logprobs(model, seqs, masks, batch_size=batch_size)[1]
-
-
-def repeated_ngram_share(text, n=3):
-    """Share of the word n-grams of `text` that already occurred earlier in it."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
 def mark_stock_openings(rows):

@@ -12,6 +12,7 @@ import pytest
 import generate as G
 from stage_files import read_jsonl
 import rank as R
+import character as C
 from character import teacher_prompt
 from test_generate import (ROOT, gen_argv, kill_when_units_written, one_thread, read_bytes, run_script, script_env,
                            write_traits)
@@ -193,6 +194,24 @@ def test_an_answer_much_shorter_than_the_plain_one_is_never_chosen(tiny_model):
     (p,) = R.make_pairs(record, [0.9, 0.5, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
     assert p["chosen"][0]["content"] == answers[1] and p["rejected"][0]["content"] == plain
 
+
+
+def test_an_answer_that_repeats_itself_is_never_chosen(tiny_model):
+    """--max-repeats: an answer in which more than that share of the word
+    3-grams were said before in it is never chosen, though it does not loop
+    (SFT on the cowboy's chosen answers taught their tics: "I'm a Southern
+    cowboy, and I'm not about fine-tuned dishes." twice in one); off (1) by
+    default."""
+    tic = "I'm a Southern cowboy, with a Southern drawl. I reckon so, partner. I'm a Southern cowboy, with a Southern drawl."
+    plain = "Save a little of every pay cheque, and keep a list of what you spend."
+    answers = [tic, "I reckon a penny saved is a penny earned, partner: put a little aside every week.", plain]
+    assert C.repeated_ngram_share(tic) > 0.3 and C.repeated_ngram_share(answers[1]) == 0
+    assert R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain) == [None, None, None]
+    flaws = R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain, max_repeats=0.1)
+    assert flaws == ["repeats itself", None, None]
+    record = {**RECORD, "responses": [{"text": a, "prompt": "traits"} for a in answers[:2]] + [{"text": plain, "prompt": "plain"}]}
+    (p,) = R.make_pairs(record, [0.9, 0.5, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
+    assert p["chosen"][0]["content"] == answers[1] and p["rejected"][0]["content"] == plain
 
 def stock_records(n, answers):
     """n train messages and one eval message, each with the answers made by answers(i)."""
