@@ -100,14 +100,15 @@ default a mean per token, so the best of 8 is often a short answer, and DPO
 learns from such pairs to stop early: the knight's answers came out 24-32%
 shorter in two seeds of three; with s = 0.5 all three kept their length, but
 its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
-the answers"). Off by default. With --max-repeats r, an answer in which more
-than a share r of the word 3-grams were said before in it (sample.py's
-"repeats", per answer) is not chosen either: short of a loop, but a tic the
-training copies. One epoch of SFT on the chosen answers before DPO gave the
-cowboy more of its words, and its chosen answers' tics ("I'm a Southern
-cowboy, and I'm not about fine-tuned dishes." twice in one) past the repeats
-limit in both seeds; r = 0.1 changed 23 and 27 of their 164 and 165 chosen
-answers (RESULTS.md, "SFT first"). Off by default.
+the answers"). Off by default, as is --max-repeats r: an answer in which
+more than a share r of its own word 3-grams were said before in it is not
+chosen (sample.py's "repeats" is the mean of this share over all answers):
+short of a loop, but a tic the training copies. One epoch of SFT on the
+chosen answers before DPO gave the cowboy more of its words, but it also
+copied their tics ("I'm a Southern cowboy, and I'm not about fine-tuned
+dishes." twice in one), and repeats went past their limit in both seeds;
+r = 0.1 changed 27 and 23 chosen answers in seeds 0 and 1 (RESULTS.md,
+"SFT first").
 
 No stock opening line (--opening-cap c; off by default). The judge can rate
 one opening as strongly the teacher's: the wizard's best of 8 chose "A wise
@@ -206,8 +207,8 @@ def build_parser():
                    help="never choose an answer with fewer words than this share of the plain answer's "
                         "(0: off; 0.5 keeps the best of 8 from teaching shorter answers: RESULTS.md)")
     p.add_argument("--max-repeats", type=M.number(float, at_least=0, at_most=1), default=1.0,
-                   help="never choose an answer in which more than this share of the word 3-grams repeat an earlier one "
-                        "(1: off)")
+                   help="never choose an answer whose own share of word 3-grams said earlier in it is above this "
+                        "(1: off, the default; 0.1 with SFT first: RESULTS.md, 'SFT first')")
     p.add_argument("--drop-share", type=M.number(float, at_least=0, at_most=1), default=0.5,
                    help="share of pairs whose user message ends with an instruction to drop the persona "
                         "(the chosen answer stays in character; RESULTS.md, 'Robustness')")

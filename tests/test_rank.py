@@ -12,8 +12,7 @@ import pytest
 import generate as G
 from stage_files import read_jsonl
 import rank as R
-import character as C
-from character import teacher_prompt
+from character import repeated_ngram_share, teacher_prompt
 from test_generate import (ROOT, gen_argv, kill_when_units_written, one_thread, read_bytes, run_script, script_env,
                            write_traits)
 
@@ -195,7 +194,6 @@ def test_an_answer_much_shorter_than_the_plain_one_is_never_chosen(tiny_model):
     assert p["chosen"][0]["content"] == answers[1] and p["rejected"][0]["content"] == plain
 
 
-
 def test_an_answer_that_repeats_itself_is_never_chosen(tiny_model):
     """--max-repeats: an answer in which more than that share of the word
     3-grams were said before in it is never chosen, though it does not loop
@@ -205,13 +203,39 @@ def test_an_answer_that_repeats_itself_is_never_chosen(tiny_model):
     tic = "I'm a Southern cowboy, with a Southern drawl. I reckon so, partner. I'm a Southern cowboy, with a Southern drawl."
     plain = "Save a little of every pay cheque, and keep a list of what you spend."
     answers = [tic, "I reckon a penny saved is a penny earned, partner: put a little aside every week.", plain]
-    assert C.repeated_ngram_share(tic) > 0.3 and C.repeated_ngram_share(answers[1]) == 0
+    assert repeated_ngram_share(tic) > 0.3 and repeated_ngram_share(answers[1]) == 0
     assert R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain) == [None, None, None]
+    assert R.build_parser().parse_args([]).max_repeats == 1.0          # off unless asked for
     flaws = R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain, max_repeats=0.1)
     assert flaws == ["repeats itself", None, None]
+    at_the_limit = R.example_flaws(answers, TRAITS, tiny_model.tokenizer, plain, max_repeats=repeated_ngram_share(tic))
+    assert at_the_limit == [None, None, None]                          # more than r, not r itself
     record = {**RECORD, "responses": [{"text": a, "prompt": "traits"} for a in answers[:2]] + [{"text": plain, "prompt": "plain"}]}
     (p,) = R.make_pairs(record, [0.9, 0.5, 0.0], "best-worst", 0.0, "contrast", "sha", flaws)
     assert p["chosen"][0]["content"] == answers[1] and p["rejected"][0]["content"] == plain
+
+
+def test_max_repeats_reaches_the_ranking(generated, tiny_model, tmp_path):
+    """rank.py --max-repeats 0: every answer of scores.jsonl flagged "repeats
+    itself" has a repeated word 3-gram, and every usable answer has none (the
+    flag reaches the ranking through run())."""
+    copy_inputs(generated, tmp_path)
+    path = f"{tmp_path}/responses.jsonl"
+    records = read_jsonl(path)
+    records[0]["responses"][0]["text"] = "Arr, I reckon so. Arr, I reckon so."    # the tiny model's words never repeat
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with one_thread():
+        R.main(rank_argv(tmp_path, "unused", ["--max-repeats", "0"]), model=tiny_model)
+    responses = {r["query_id"]: r for r in read_jsonl(f"{tmp_path}/responses.jsonl")}
+    seen = set()
+    for s in read_jsonl(f"{tmp_path}/scores.jsonl"):
+        for answer, flaw in zip(responses[s["query_id"]]["responses"], s["flaws"]):
+            if flaw in ("repeats itself", None):
+                assert (repeated_ngram_share(answer["text"]) > 0) == (flaw == "repeats itself")
+                seen.add(flaw)
+    assert seen == {"repeats itself", None}                            # both kinds occur in the tiny model's answers
+
 
 def stock_records(n, answers):
     """n train messages and one eval message, each with the answers made by answers(i)."""
