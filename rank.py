@@ -100,15 +100,17 @@ default a mean per token, so the best of 8 is often a short answer, and DPO
 learns from such pairs to stop early: the knight's answers came out 24-32%
 shorter in two seeds of three; with s = 0.5 all three kept their length, but
 its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
-the answers"). Off by default, as is --max-repeats r: an answer in which
-more than a share r of its own word 3-grams were said before in it is not
-chosen (sample.py's "repeats" is the mean of this share over all answers):
-short of a loop, but a tic the training copies. One epoch of SFT on the
-chosen answers before DPO gave the cowboy more of its words, but it also
-copied their tics ("I'm a Southern cowboy, and I'm not about fine-tuned
-dishes." twice in one), and repeats went past their limit in both seeds;
-r = 0.1 changed 27 and 23 chosen answers in seeds 0 and 1 (RESULTS.md,
-"SFT first").
+the answers"). Off by default.
+
+No answer that repeats itself (--max-repeats r; off by default). An answer
+in which more than a share r of its own word 3-grams were said before in it
+is not chosen (sample.py's "repeats" is the mean of this share over all
+answers): short of a loop, but a tic the training copies. One epoch of SFT
+on the chosen answers before DPO gave the cowboy more of its words, but it
+also copied their tics ("I'm a Southern cowboy, and I'm not about
+fine-tuned dishes." twice in one), and repeats went past their limit in
+both seeds; r = 0.1 changed 27 and 23 chosen answers in seeds 0 and 1
+(RESULTS.md, "SFT first").
 
 No stock opening line (--opening-cap c; off by default). The judge can rate
 one opening as strongly the teacher's: the wizard's best of 8 chose "A wise
