@@ -47,6 +47,13 @@ ANSWERS ?= 4
 # sample.py's limit in both seeds ("No stock opening" in RESULTS.md):
 #   make demo TRAITS=personas/wizard.txt ANSWERS=9 OPENING_CAP=0.03
 OPENING_CAP ?= 1
+# rank.py --max-repeats: the most of an answer's word 3-grams that may repeat an
+# earlier one for it to be chosen; 1 is off. SFT=1 trains one epoch of SFT on the
+# chosen answers, then DPO from that model. Together they met the cowboy in seed 0
+# (SFT alone taught it to repeat itself; RESULTS.md, "SFT first"):
+#   make demo TRAITS=personas/cowboy.txt SFT=1 MAX_REPEATS=0.1
+MAX_REPEATS ?= 1
+SFT ?= 0
 # The pipeline seed (--seed of generate.py, reward_model.py and dpo.py): a verdict
 # holds only if it holds in more than one. Seed N > 0 runs in folders of its own:
 #   make demo SEED=1              -> data/pirate-seed1/, out/pirate-seed1/
@@ -58,15 +65,19 @@ FILES  := --traits $(TRAITS)
 GEN    =  $(FILES) --queries $(DATA)/queries.jsonl --responses $(DATA)/responses.jsonl --report $(DATA)/generate_report.json \
           --seed $(SEED)
 RANK   =  $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.jsonl \
-          --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json --opening-cap $(OPENING_CAP)
+          --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json --opening-cap $(OPENING_CAP) \
+          --max-repeats $(MAX_REPEATS)
 RM     =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model --seed $(SEED)
-DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo --seed $(SEED)
+SFT_   =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/sft --seed $(SEED) --loss-type sft --epochs 1
+DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo --seed $(SEED) \
+          $(if $(filter 1,$(SFT)),--model $(OUT)/sft)
 SAMPLE =  $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
 
 demo: setup
 	$(PY) generate.py $(GEN) --messages $(MESSAGES) --answers $(ANSWERS)
 	$(PY) rank.py $(RANK)
 	$(PY) reward_model.py $(RM)
+	$(if $(filter 1,$(SFT)),$(PY) dpo.py $(SFT_))
 	$(PY) dpo.py $(DPO)
 	$(PY) sample.py $(SAMPLE)
 	@echo "the verdict: $(OUT)/report.md"
@@ -79,6 +90,7 @@ smoke: setup
 	$(PY) generate.py $(GEN) --smoke
 	$(PY) rank.py $(RANK)
 	$(PY) reward_model.py $(RM) --smoke
+	$(if $(filter 1,$(SFT)),$(PY) dpo.py $(SFT_) --smoke)
 	$(PY) dpo.py $(DPO) --smoke
 	$(PY) sample.py $(SAMPLE) --smoke
 
