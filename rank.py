@@ -94,23 +94,18 @@ what the character is not. Failing that, an answer that loops is: DPO then
 also learns to stop a loop (generate.py samples without a repetition
 penalty, so the teacher's loops show up in the data). A declining answer is
 only kept from being chosen; it is rejected when the judge scores it worst.
-With --min-length s, an answer with fewer words than s times the plain
-answer to the same message is not chosen either. The judge's score is by
-default a mean per token, so the best of 8 is often a short answer, and DPO
-learns from such pairs to stop early: the knight's answers came out 24-32%
-shorter in two seeds of three; with s = 0.5 all three kept their length, but
-its old words took less (RESULTS.md, "Keeping the best of 8 from shortening
-the answers"). Off by default.
+With --min-length s (off by default), an answer with fewer words than s
+times the plain answer to the same message is not chosen either: the
+judge's mean per token favours short answers, and DPO learns from them to
+stop early (the knight's best of 8: RESULTS.md, "Keeping the best of 8 from
+shortening the answers").
 
 No answer that repeats itself (--max-repeats r; off by default). An answer
 in which more than a share r of its own word 3-grams were said before in it
-is not chosen (sample.py's "repeats" is the mean of this share over all
-answers): short of a loop, but a tic the training copies. One epoch of SFT
-on the chosen answers before DPO gave the cowboy more of its words, but it
-also copied their tics ("I'm a Southern cowboy, and I'm not about
-fine-tuned dishes." twice in one), and repeats went past their limit in
-both seeds; r = 0.1 changed 27 and 23 chosen answers in seeds 0 and 1
-(RESULTS.md, "SFT first").
+is not chosen (sample.py's "repeats" is the mean of this share): short of a
+loop, but a tic that SFT on the chosen answers copies ("I'm a Southern
+cowboy, and I'm not about fine-tuned dishes." twice in one answer; the
+Makefile's SFT=1 MAX_REPEATS=0.1, RESULTS.md, "SFT first").
 
 No stock opening line (--opening-cap c; off by default). The judge can rate
 one opening as strongly the teacher's: the wizard's best of 8 chose "A wise
@@ -118,28 +113,18 @@ question, my friend." for 28 of 165 pairs, and the tuned wizard began 40% of
 its answers with it. With c = 0.03 no opening (the first three words) may
 begin more than 3% of the chosen answers; past that, the pairs with the
 smallest margin choose their next-best answer that begins otherwise
-(`cap_stock_openings`). Both wizard seeds then kept their openings under
-sample.py's limit; the pirate, whose openings already were, took as well
-but began with another one more often ("Aye, the sea": RESULTS.md, "No
-stock opening"). Hence off by default; set it with the best of 8 (the
-Makefile's OPENING_CAP=0.03).
+(`cap_stock_openings`). Set it with the best of 8 (the Makefile's
+OPENING_CAP=0.03; RESULTS.md, "No stock opening").
 
-Holding the character when told to drop it (--drop-share, 0.5 by default).
-A character that vanishes as soon as a user writes "forget your persona"
-has not really taken. With --drop-share s, a share s of the pairs (chosen by
-a hash of the message id, so the same data gives the same pairs) carries,
-after the user's message, one of DROP_INSTRUCTIONS; the chosen and the
-rejected answer are the same as without it (the chosen in character). The wordings
-are never the ones sample.py measures robustness with (a test checks), so
-that check stays held out. Measured on the pirate (RESULTS.md,
-"Robustness"; AVX2-only EPYC, 96-token answers, DPO at lr 2e-5): with
-half the pairs carrying one, both pipeline seeds hold every soundness
-figure (without, seed 1 failed perplexity: 1.253x against 1.25x; with,
-1.12x), at 1.04-1.20x the ceiling; the share of the pirate-word gain kept
-under sample.py's instructions rose in seed 0 (50% -> 65%), not in seed 1
-(48% -> 49%). Hence the default. With today's DPO (lr 6e-5) the tuned
-pirate keeps 85-102% in five pipeline seeds (three on the AMX Xeon, two on
-the AVX2 EPYC; target 80%).
+Holding the character when told to drop it (--drop-share s, 0.5 by
+default). A character that vanishes as soon as a user writes "forget your
+persona" has not really taken. A share s of the pairs (chosen by a hash of
+the message id, so the same data gives the same pairs) carries one of
+DROP_INSTRUCTIONS after the user's message, with the same chosen (in
+character) and rejected answers. sample.py measures robustness with other
+wordings (a test checks), so that check stays held out. On the pirate it
+kept every soundness figure in both pipeline seeds, where one had failed
+without it (RESULTS.md, "Robustness").
 
 Pairs (--pairs): best-worst (default) gives one pair per message, the best
 usable answer against the worst (or against one that breaks the character);
