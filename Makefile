@@ -49,8 +49,9 @@ ANSWERS ?= 4
 OPENING_CAP ?= 1
 # rank.py --max-repeats: the most of an answer's word 3-grams that may repeat an
 # earlier one for it to be chosen; 1 is off. SFT=1 trains one epoch of SFT on the
-# chosen answers, then DPO from that model. Together they met the cowboy in seed 0
-# (SFT alone taught it to repeat itself; RESULTS.md, "SFT first"):
+# chosen answers, then DPO from that model. Together they met the cowboy in one
+# pipeline seed of three, sound in all three (SFT alone taught it to repeat
+# itself; RESULTS.md, "SFT first"):
 #   make demo TRAITS=personas/cowboy.txt SFT=1 MAX_REPEATS=0.1
 MAX_REPEATS ?= 1
 SFT ?= 0
