@@ -6,6 +6,8 @@ import importlib.util
 import os
 import re
 import shlex
+import shutil
+import subprocess
 
 import pytest
 
@@ -113,3 +115,34 @@ def test_every_exercise_and_stage_command_parses(command):
         # inputs come from the demo (data/pirate/, out/pirate/) or an earlier step of the same exercise (out/ex...)
         path = getattr(args, name)
         assert path.startswith(("data/pirate/", "out/pirate/", "out/ex")), f"{command}: --{name} {path} is made by nothing"
+
+
+def make_demo_commands(*variables):
+    """The stage commands `make demo` would run with these variables (`make -n` prints, runs nothing),
+    each as (script, its parsed arguments)."""
+    printed = subprocess.run(["make", "-n", "demo", *variables], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    commands = []
+    for line in printed.splitlines():
+        words = shlex.split(line)
+        if words and words[0].endswith("python") and words[1].endswith(".py"):
+            commands.append((words[1], load_script(os.path.join(ROOT, words[1])).build_parser().parse_args(words[2:])))
+    return commands
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_runs_every_stage_once_and_sft_1_trains_sft_before_dpo_from_it():
+    default = make_demo_commands()
+    assert [script for script, _ in default] == ["generate.py", "rank.py", "reward_model.py", "dpo.py", "sample.py"]
+    dpo = default[3][1]
+    assert dpo.loss_type == "sigmoid" and dpo.model == default[0][1].model  # DPO from the base model
+    assert default[1][1].max_repeats == 1.0                                   # the filter is off
+
+    recipe = make_demo_commands("TRAITS=personas/cowboy.txt", "SEED=2", "SFT=1", "MAX_REPEATS=0.1")
+    assert [script for script, _ in recipe] == ["generate.py", "rank.py", "reward_model.py", "dpo.py", "dpo.py",
+                                                "sample.py"]
+    rank, sft, dpo, sample = recipe[1][1], recipe[3][1], recipe[4][1], recipe[5][1]
+    assert rank.max_repeats == 0.1
+    assert sft.loss_type == "sft" and sft.epochs == 1 and sft.seed == 2
+    assert dpo.loss_type == "sigmoid" and dpo.model == sft.out               # DPO starts from the SFT model
+    assert sample.tuned == dpo.out and dpo.out.startswith("out/cowboy-seed2/")
