@@ -48,10 +48,13 @@ ANSWERS ?= 4
 #   make demo TRAITS=personas/wizard.txt ANSWERS=9 OPENING_CAP=0.03
 OPENING_CAP ?= 1
 # rank.py --max-repeats: the most of an answer's word 3-grams that may repeat an
-# earlier one for it to be chosen; 1 is off. SFT=1 trains one epoch of SFT on the
-# chosen answers, then DPO from that model. Together they met the cowboy in one
-# pipeline seed of three, sound in all three (SFT alone taught it to repeat
-# itself; RESULTS.md, "SFT first"):
+# earlier one for it to be chosen; 1 is off. SFT=1 (exactly 1; anything else is
+# off) trains one epoch of SFT on the chosen answers, then DPO from that model,
+# in folders of their own (data/cowboy-sft/, out/cowboy-sft/). It gives more
+# character but copies what the chosen answers share: SFT then DPO made the
+# cowboy repeat itself (MAX_REPEATS=0.1 stops that), and the wizard and the
+# pirate begin too many answers alike. With both, the cowboy was met in one
+# pipeline seed of three (RESULTS.md, "SFT first"):
 #   make demo TRAITS=personas/cowboy.txt SFT=1 MAX_REPEATS=0.1
 MAX_REPEATS ?= 1
 SFT ?= 0
@@ -59,7 +62,7 @@ SFT ?= 0
 # holds only if it holds in more than one. Seed N > 0 runs in folders of its own:
 #   make demo SEED=1              -> data/pirate-seed1/, out/pirate-seed1/
 SEED   ?= 0
-NAME   := $(basename $(notdir $(TRAITS)))$(if $(filter-out 0,$(SEED)),-seed$(SEED))
+NAME   := $(basename $(notdir $(TRAITS)))$(if $(filter-out 0,$(SEED)),-seed$(SEED))$(if $(filter 1,$(SFT)),-sft)
 DATA   := data/$(NAME)
 OUT    := out/$(NAME)
 FILES  := --traits $(TRAITS)

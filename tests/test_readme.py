@@ -117,11 +117,12 @@ def test_every_exercise_and_stage_command_parses(command):
         assert path.startswith(("data/pirate/", "out/pirate/", "out/ex")), f"{command}: --{name} {path} is made by nothing"
 
 
-def make_demo_commands(*variables):
-    """The stage commands `make demo` would run with these variables (`make -n` prints, runs nothing),
-    each as (script, its parsed arguments)."""
-    printed = subprocess.run(["make", "-n", "demo", *variables], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+def make_commands(target, *variables):
+    """The stage commands `make <target>` would run with these variables (`make -n` prints, runs
+    nothing), each as (script, its parsed arguments). The environment is cleared so that a caller's
+    MAKEFLAGS or an exported TRAITS cannot change what is printed."""
+    printed = subprocess.run(["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True,
+                             check=True, env={"PATH": os.environ.get("PATH", "")}).stdout
     commands = []
     for line in printed.splitlines():
         words = shlex.split(line)
@@ -132,17 +133,23 @@ def make_demo_commands(*variables):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_demo_runs_every_stage_once_and_sft_1_trains_sft_before_dpo_from_it():
-    default = make_demo_commands()
+    default = make_commands("demo")
     assert [script for script, _ in default] == ["generate.py", "rank.py", "reward_model.py", "dpo.py", "sample.py"]
     dpo = default[3][1]
     assert dpo.loss_type == "sigmoid" and dpo.model == default[0][1].model  # DPO from the base model
     assert default[1][1].max_repeats == 1.0                                   # the filter is off
+    assert dpo.out == "out/pirate/dpo"
 
-    recipe = make_demo_commands("TRAITS=personas/cowboy.txt", "SEED=2", "SFT=1", "MAX_REPEATS=0.1")
-    assert [script for script, _ in recipe] == ["generate.py", "rank.py", "reward_model.py", "dpo.py", "dpo.py",
-                                                "sample.py"]
-    rank, sft, dpo, sample = recipe[1][1], recipe[3][1], recipe[4][1], recipe[5][1]
-    assert rank.max_repeats == 0.1
-    assert sft.loss_type == "sft" and sft.epochs == 1 and sft.seed == 2
-    assert dpo.loss_type == "sigmoid" and dpo.model == sft.out               # DPO starts from the SFT model
-    assert sample.tuned == dpo.out and dpo.out.startswith("out/cowboy-seed2/")
+    for target, scripts in [("demo", ["generate.py", "rank.py", "reward_model.py", "dpo.py", "dpo.py", "sample.py"]),
+                            ("smoke", ["generate.py", "rank.py", "reward_model.py", "dpo.py", "dpo.py", "sample.py"])]:
+        recipe = make_commands(target, "TRAITS=personas/cowboy.txt", "SEED=2", "SFT=1", "MAX_REPEATS=0.1")
+        assert [script for script, _ in recipe] == scripts
+        rank, sft, dpo, sample = recipe[1][1], recipe[3][1], recipe[4][1], recipe[5][1]
+        assert rank.max_repeats == 0.1
+        assert sft.loss_type == "sft" and sft.epochs == 1 and sft.seed == 2
+        assert sft.preferences == dpo.preferences == rank.preferences          # both learn the same pairs
+        assert dpo.loss_type == "sigmoid" and dpo.model == sft.out           # DPO starts from the SFT model
+        assert sample.tuned == dpo.out
+        # a run of its own: the default run's files are kept
+        name = "cowboy-seed2-sft" if target == "demo" else "smoke-cowboy-seed2-sft"
+        assert sft.out == f"out/{name}/sft" and rank.preferences == f"data/{name}/preferences.jsonl"
