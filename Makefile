@@ -53,8 +53,9 @@ OPENING_CAP ?= 1
 # in folders of their own (data/cowboy-sft/, out/cowboy-sft/). It gives more
 # character but copies what the chosen answers share: SFT then DPO made the
 # cowboy repeat itself (MAX_REPEATS=0.1 stops that), and the wizard and the
-# pirate begin too many answers alike. With both, the cowboy was met in one
-# pipeline seed of three (RESULTS.md, "SFT first"):
+# pirate begin too many answers alike (OPENING_CAP=0.03 stopped it for the
+# pirate's seed 1, met then; not for the wizard's seed 0). With the first two,
+# the cowboy was met in one pipeline seed of three (RESULTS.md, "SFT first"):
 #   make demo TRAITS=personas/cowboy.txt SFT=1 MAX_REPEATS=0.1
 MAX_REPEATS ?= 1
 SFT ?= 0
