@@ -59,11 +59,12 @@ OPENING_CAP ?= 1
 #   make demo TRAITS=personas/cowboy.txt SFT=1 MAX_REPEATS=0.1
 MAX_REPEATS ?= 1
 SFT ?= 0
+WITH_SFT := $(filter 1,$(SFT))
 # The pipeline seed (--seed of generate.py, reward_model.py and dpo.py): a verdict
 # holds only if it holds in more than one. Seed N > 0 runs in folders of its own:
 #   make demo SEED=1              -> data/pirate-seed1/, out/pirate-seed1/
 SEED   ?= 0
-NAME   := $(basename $(notdir $(TRAITS)))$(if $(filter-out 0,$(SEED)),-seed$(SEED))$(if $(filter 1,$(SFT)),-sft)
+NAME   := $(basename $(notdir $(TRAITS)))$(if $(filter-out 0,$(SEED)),-seed$(SEED))$(if $(WITH_SFT),-sft)
 DATA   := data/$(NAME)
 OUT    := out/$(NAME)
 FILES  := --traits $(TRAITS)
@@ -73,16 +74,16 @@ RANK   =  $(FILES) --responses $(DATA)/responses.jsonl --scores $(DATA)/scores.j
           --preferences $(DATA)/preferences.jsonl --report $(DATA)/rank_report.json --opening-cap $(OPENING_CAP) \
           --max-repeats $(MAX_REPEATS)
 RM     =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/reward_model --seed $(SEED)
-SFT_   =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/sft --seed $(SEED) --loss-type sft --epochs 1
+SFT_STEP = $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/sft --seed $(SEED) --loss-type sft --epochs 1
 DPO    =  $(FILES) --preferences $(DATA)/preferences.jsonl --out $(OUT)/dpo --seed $(SEED) \
-          $(if $(filter 1,$(SFT)),--model $(OUT)/sft)
+          $(if $(WITH_SFT),--model $(OUT)/sft)
 SAMPLE =  $(FILES) --queries $(DATA)/queries.jsonl --tuned $(OUT)/dpo --reward-model $(OUT)/reward_model --out $(OUT)
 
 demo: setup
 	$(PY) generate.py $(GEN) --messages $(MESSAGES) --answers $(ANSWERS)
 	$(PY) rank.py $(RANK)
 	$(PY) reward_model.py $(RM)
-	$(if $(filter 1,$(SFT)),$(PY) dpo.py $(SFT_))
+	$(if $(WITH_SFT),$(PY) dpo.py $(SFT_STEP))
 	$(PY) dpo.py $(DPO)
 	$(PY) sample.py $(SAMPLE)
 	@echo "the verdict: $(OUT)/report.md"
@@ -95,7 +96,7 @@ smoke: setup
 	$(PY) generate.py $(GEN) --smoke
 	$(PY) rank.py $(RANK)
 	$(PY) reward_model.py $(RM) --smoke
-	$(if $(filter 1,$(SFT)),$(PY) dpo.py $(SFT_) --smoke)
+	$(if $(WITH_SFT),$(PY) dpo.py $(SFT_STEP) --smoke)
 	$(PY) dpo.py $(DPO) --smoke
 	$(PY) sample.py $(SAMPLE) --smoke
 
