@@ -54,9 +54,9 @@ OPENING_CAP ?= 1
 # character but copies what the chosen answers share: SFT then DPO made the
 # cowboy repeat itself (MAX_REPEATS=0.1 stops that), and the wizard and the
 # pirate begin too many answers alike (OPENING_CAP=0.03 stopped it for the
-# pirate's seed 1, met then; not for the wizard's seed 0). With the first two,
-# and with all three, the cowboy was met in one pipeline seed of three
-# (RESULTS.md, "SFT first"):
+# pirate's seed 1, met then; not for the wizard's seed 0). With SFT=1
+# MAX_REPEATS=0.1, with or without OPENING_CAP=0.03, the cowboy was met in
+# seed 0 of three (RESULTS.md, "SFT first"):
 #   make demo TRAITS=personas/cowboy.txt SFT=1 MAX_REPEATS=0.1
 MAX_REPEATS ?= 1
 SFT ?= 0
